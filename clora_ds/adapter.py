@@ -1,0 +1,279 @@
+"""Turn a HF causal LM into a standard PEFT LoRA model with the CLoRA regularizer attached.
+
+          x ──► W (frozen) ─────────────┐
+          │                             (+) ──► y = W x + (α/r)·B A x
+          └──► A [r, in] ──► B [out, r] ┘
+    R = Σ ½‖A P_in‖² + ½‖Bᵀ P_out‖²   (P fixed, orthonormal columns, never saved)
+
+    model = attach_clora(hf_model, CLoRAConfig(r=8, k=64, lam=1.0))
+    out = model(**batch)
+    loss = model.clora.penalty_term(out.loss)   # task + λ·R, correct under ZeRO-3 and checkpointing
+    model.clora.last_penalty                    # R, detached, for logging
+
+The penalty of each module is evaluated in a forward hook on ``lora_A`` / ``lora_B``: there (and only
+there) ZeRO-3 has the weight gathered. Hooks are registered here, before ``deepspeed.initialize``
+registers its own, so they run while the weight is still whole; the hook checks that it is.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .config import CLoRAConfig
+from .penalty import PenaltyAnchor, PenaltyScale, PenaltyTap, SubspacePenalty
+from .subspace import ModuleSubspace, build_module_subspaces, subspace_nbytes
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _gathered(params: List[torch.Tensor]):
+    """Gather ZeRO-3 partitioned parameters for reading (every rank must call), else a no-op."""
+    partitioned = [p for p in params if _is_partitioned(p)]
+    if not partitioned:
+        import contextlib
+
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def _linear_shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, int]]:
+    """name -> (out, in) of every nn.Linear, read from attributes (valid under ZeRO-3 partitioning)."""
+    return {
+        name: (mod.out_features, mod.in_features)
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+    }
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def resolve_target_modules(model: torch.nn.Module, config: CLoRAConfig) -> Dict[str, Tuple[int, int]]:
+    """The modules CLoRA will adapt, name -> (out, in); one ValueError listing every problem."""
+    linears = _linear_shapes(model)
+    output_layer = getattr(model, "get_output_embeddings", lambda: None)()
+    output_names = {n for n, m in model.named_modules() if m is output_layer}
+    candidates = sorted({n.rsplit(".", 1)[-1] for n in linears if n not in output_names})
+    problems = []
+    if config.target_modules == "all-linear":
+        selected = {n: s for n, s in linears.items() if n not in output_names}
+    else:
+        selected = {n: s for n, s in linears.items() if any(_matches(n, t) for t in config.target_modules)}
+        unmatched = [t for t in config.target_modules if not any(_matches(n, t) for n in linears)]
+        if unmatched:
+            problems.append(
+                f"target_modules {unmatched} match no linear layer of {type(model).__name__}; "
+                f"candidate names are: {', '.join(candidates)} (or 'all-linear')"
+            )
+    if not selected and not problems:
+        problems.append(f"no linear layer to adapt; candidate names are: {', '.join(candidates)}")
+    too_small = [f"{n} (out={o}, in={i})" for n, (o, i) in selected.items() if config.k > min(o, i)]
+    if too_small:
+        shown = "; ".join(too_small[:8]) + (f"; ... {len(too_small) - 8} more" if len(too_small) > 8 else "")
+        smallest = min(min(o, i) for o, i in selected.values())
+        problems.append(
+            f"k={config.k} is larger than the in or out dimension of {len(too_small)} targeted module(s): {shown}. "
+            f"Use k <= {smallest}, or leave those modules out of target_modules"
+        )
+    if problems:
+        raise ValueError("Cannot attach CLoRA:\n  - " + "\n  - ".join(problems))
+    return selected
+
+
+class CLoRARegularizer:
+    """Holds the fixed subspaces and the hooks; turns a task loss into task + λ·R."""
+
+    def __init__(self, config: CLoRAConfig, subspaces: Dict[str, ModuleSubspace], adapter_name: str):
+        self.config = config
+        self.subspaces = subspaces
+        self.adapter_name = adapter_name
+        self.expected = 2 * len(subspaces)
+        self.scale = PenaltyScale(config.lam)
+        self.last_penalty: Optional[torch.Tensor] = None
+        self._handles: list = []
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _begin_forward(self, module, args, kwargs=None):
+        self.scale = PenaltyScale(self.config.lam)
+
+    def _make_hook(self, name: str, side: str, numel: int):
+        subspace = self.subspaces[name]
+        where = f"{name}.lora_{side}"
+
+        def hook(module, inputs, output):
+            scale = self.scale
+            grad_on = torch.is_grad_enabled()
+            if not (module.training and (scale.collecting or grad_on)):
+                return None
+            weight = module.weight
+            if weight.numel() != numel:
+                raise RuntimeError(
+                    f"CLoRA: {where}.weight has {weight.numel()} elements inside its forward, expected {numel}: "
+                    "it is partitioned. Attach CLoRA before deepspeed.initialize so the penalty hook runs "
+                    "while ZeRO-3 holds the weight gathered."
+                )
+            subspace.on(weight.device)
+            if side == "A":
+                r = SubspacePenalty.apply(weight, subspace.p_in)  # ½‖A P_in‖², A [r, in]
+            else:
+                r = SubspacePenalty.apply(weight.t(), subspace.p_out)  # ½‖Bᵀ P_out‖², Bᵀ [r, out]
+            if scale.collecting:
+                scale.values[where] = r.detach()
+            if grad_on and scale.lam > 0 and weight.requires_grad:
+                return PenaltyTap.apply(output, r, scale, where)
+            return None
+
+        return hook
+
+    def register(self, peft_model: torch.nn.Module) -> None:
+        base = peft_model.get_base_model()
+        self._handles.append(base.register_forward_pre_hook(self._begin_forward))
+        modules = dict(peft_model.named_modules())
+        for name in self.subspaces:
+            layer = modules[PEFT_PREFIX + name]
+            for side, container in (("A", layer.lora_A), ("B", layer.lora_B)):
+                lin = container[self.adapter_name]
+                numel = lin.in_features * lin.out_features
+                self._handles.append(lin.register_forward_hook(self._make_hook(name, side, numel)))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- the loss ---------------------------------------------------------------------------------
+    def penalty_term(self, task_loss: torch.Tensor) -> torch.Tensor:
+        """task_loss + λ·R for the forward pass just run; R (detached) is kept in ``last_penalty``."""
+        scale = self.scale
+        scale.collecting = False
+        if len(scale.values) != self.expected:
+            seen = set(scale.values)
+            missing = [f"{n}.lora_{s}" for n in self.subspaces for s in "AB" if f"{n}.lora_{s}" not in seen]
+            raise RuntimeError(
+                f"CLoRA: the last forward evaluated {len(scale.values)} of {self.expected} module penalties "
+                f"(missing e.g. {missing[:4]}). Call penalty_term once after each training-mode forward "
+                "of the whole model, with adapters enabled."
+            )
+        values = list(scale.values.values())
+        penalty = torch.stack(values).sum()  # each value is already >= float32
+        self.last_penalty = penalty
+        if scale.lam == 0:
+            return task_loss
+        handle = torch.zeros((), device=task_loss.device, requires_grad=True)
+        return task_loss + PenaltyAnchor.apply(handle, penalty.to(task_loss.device), scale)
+
+    @property
+    def p_nbytes(self) -> int:
+        return subspace_nbytes(self.subspaces.values())
+
+
+def attach_clora(
+    model: torch.nn.Module,
+    config: CLoRAConfig,
+    adapter_name: str = "default",
+    subspace_device: Optional[Union[str, torch.device]] = None,
+):
+    """Wrap ``model`` in a PEFT LoRA model (``peft.get_peft_model``) and attach the CLoRA regularizer.
+
+    Returns the PeftModel; the regularizer is ``model.clora``. Call before ``deepspeed.initialize``.
+    Under ZeRO-3 (model built in ``deepspeed.zero.Init``) every rank must call this, since the svd_*
+    inits gather each frozen W once. ``subspace_device`` is where the QR/SVD run (default CPU).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = resolve_target_modules(model, config)
+    lora_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=sorted(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+
+    device = torch.device(subspace_device) if subspace_device is not None else None
+    modules = dict(peft_model.named_modules())
+    subspaces = {}
+    for name in sorted(targets):
+        layer = modules[PEFT_PREFIX + name]
+        shape = (layer.out_features, layer.in_features)
+        if config.p_init == "orthogonal":
+            p_in, p_out = build_module_subspaces(name, shape, config, device=device)
+        else:
+            weight = layer.get_base_layer().weight
+            with _gathered([weight]):
+                p_in, p_out = build_module_subspaces(name, shape, config, weight=weight.data, device=device)
+        subspaces[name] = ModuleSubspace(name, p_in, p_out)
+
+    regularizer = CLoRARegularizer(config, subspaces, adapter_name)
+    regularizer.register(peft_model)
+    peft_model.clora = regularizer
+    return peft_model
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The PeftModel inside a DeepSpeed engine or DDP wrapper (or the model itself)."""
+    from peft import PeftModel
+
+    while not isinstance(model, PeftModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def lora_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Full (gathered) CPU copies of the trainable LoRA weights, keyed as in ``model.state_dict()``.
+
+    Under ZeRO-3 every rank must call this (it gathers).
+    """
+    peft_model = _unwrap(model)
+    named = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
+    with _gathered([p for _, p in named]):
+        return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+
+def save_clora_adapter(model: torch.nn.Module, output_dir: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write a plain PEFT LoRA adapter (safetensors) plus ``clora_config.json`` to ``output_dir``.
+
+    The result loads with ``peft.PeftModel.from_pretrained`` and no clora_ds import. Every rank calls
+    this; rank 0 writes into a temporary sibling directory and renames it, so a crash never leaves a
+    half-written adapter.
+    """
+    peft_model = _unwrap(model)
+    output_dir = Path(output_dir)
+    state = lora_state_dict(peft_model)
+    if _rank() == 0:
+        if output_dir.exists() and not overwrite:
+            raise FileExistsError(f"{output_dir} exists; pass overwrite=True to replace it")
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+        try:
+            peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            saved = tmp / peft_model.clora.adapter_name if peft_model.clora.adapter_name != "default" else tmp
+            peft_model.clora.config.save(saved)
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            os.replace(saved, output_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return output_dir

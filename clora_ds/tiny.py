@@ -1,0 +1,104 @@
+"""A tiny LLaMA, a sentencepiece tokenizer and sample data, all built locally.
+
+Used by the CPU demo and by the tests: nothing here touches the network. Sizes are deliberately odd
+(hidden 40, GQA 4 query / 2 key-value heads, intermediate 72) so shape bugs cannot hide.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import List, Union
+
+TINY_LLAMA = dict(
+    hidden_size=40,
+    intermediate_size=72,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+
+def sample_records(n: int = 256, seed: int = 0) -> List[dict]:
+    """Alpaca-style records of small arithmetic and word tasks: learnable by a tiny model."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "pepper", "violet", "candle"]
+    records = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            a, b = rng.randint(0, 50), rng.randint(0, 50)
+            records.append({"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a + b}"})
+        elif kind == 1:
+            w = rng.choice(words)
+            records.append({"instruction": "Reverse the word.", "input": w, "output": w[::-1]})
+        else:
+            ws = rng.sample(words, 3)
+            records.append({"instruction": "Sort these words.", "input": " ".join(ws), "output": " ".join(sorted(ws))})
+    return records
+
+
+def write_sample_data(path: Union[str, Path], n: int = 256, seed: int = 0) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for rec in sample_records(n, seed):
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def train_tokenizer(texts: List[str], output_dir: Union[str, Path], vocab_size: int = 300):
+    """Train a BPE sentencepiece model on ``texts`` and save it as a HF LlamaTokenizer in ``output_dir``."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    corpus = output_dir / "corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(output_dir / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (output_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    # transformers 5: LlamaTokenizer(vocab_file=...) builds an empty tokenizer; from_pretrained converts.
+    tokenizer = LlamaTokenizer.from_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    return tokenizer
+
+
+def record_text(rec: dict) -> str:
+    return f"{rec['instruction']} {rec.get('input', '')} {rec['output']}".strip()
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A randomly initialised LlamaForCausalLM of TINY_LLAMA sizes (fp32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **{**TINY_LLAMA, **overrides})
+    return LlamaForCausalLM(config)
+
+
+def make_tiny_assets(root: Union[str, Path], seed: int = 0, n_records: int = 256) -> dict:
+    """Write data (train.jsonl), a tokenizer and a saved tiny model under ``root``; return their paths."""
+    root = Path(root)
+    data = write_sample_data(root / "data" / "train.jsonl", n_records, seed)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    tokenizer = train_tokenizer([record_text(r) for r in records], root / "model")
+    model = build_tiny_llama(len(tokenizer), seed)
+    model.save_pretrained(str(root / "model"))
+    return {"data": data, "model": root / "model"}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up clora_ds (idempotent) and run one of its jobs.
+#
+#   bash launch/quickstart.sh demo [demo flags]    # CPU demo: tiny LLaMA + tokenizer + data built locally, CLoRA training
+#   bash launch/quickstart.sh test [pytest flags]  # the test suite (what .ci/run runs)
+#
+# Needs Python >= 3.10 with pip and a C compiler (DeepSpeed JIT-builds its CPU ops on first use).
+# An installed torch is kept as it is (a CUDA build on a cluster); without one, the CPU build 2.13.0
+# is installed. Set PYTHON to pick the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+job="${1:-}"
+case "$job" in
+  demo|test) shift ;;
+  *) echo "usage: bash launch/quickstart.sh demo|test [args...]" >&2; exit 2 ;;
+esac
+
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "[quickstart] installing torch==2.13.0 (CPU build)"
+  "$PYTHON" -m pip install --quiet "torch==2.13.0"
+fi
+stamp=".quickstart-installed"
+want="$("$PYTHON" -c 'import sys, hashlib; print(sys.executable, hashlib.sha256(open("setup.py","rb").read()).hexdigest())')"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PYTHON" -m pip show --quiet clora_ds >/dev/null 2>&1; then
+  echo "[quickstart] installing clora_ds and its dependencies (pip install -e .[dev])"
+  "$PYTHON" -m pip install --quiet -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ "$job" = demo ]; then
+  exec "$PYTHON" launch/demo.py "$@"
+else
+  exec "$PYTHON" -m pytest tests -p no:cacheprovider -rs "$@"
+fi
