@@ -1,11 +1,25 @@
-"""Prompt templates and prompt-masked tokenization.
+"""Datasets -> tokenized, prompt-masked, optionally packed batches.
 
-The alpaca template is the one LLM-Adapters / MiLoRA (and so the CLoRA paper) use for commonsense and
-math fine-tuning, so results compare with the paper's.
+Formats (detected from the keys of the first record when not given):
+    alpaca       instruction, [input], output
+    commonsense  instruction, [input], output, answer      (LLM-Adapters commonsense_170k)
+    metamath     query, response, [type]                    (MetaMathQA)
+    messages     messages: [{role, content}, ...]           (chat; loss on assistant turns)
+The alpaca template is the one LLM-Adapters / MiLoRA use for commonsense and math data (and so the
+CLoRA paper), so results compare with the paper's.
+
+Packing is padding-free: examples are concatenated into rows of at most max_seq_length tokens with
+position_ids restarting at 0 for each example and no attention_mask; transformers then builds a
+block-diagonal causal mask (SDPA/eager) or varlen flash-attention, so packed examples cannot attend
+to each other.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -22,23 +36,222 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
+FORMATS = {  # format -> (required keys, optional keys)
+    "alpaca": (("instruction", "output"), ("input",)),
+    "commonsense": (("instruction", "output", "answer"), ("input",)),
+    "metamath": (("query", "response"), ("type",)),
+    "messages": (("messages",), ()),
+}
+
+
+class DataError(ValueError):
+    """A problem with the user's data, stated with file, line and field."""
+
 
 def alpaca_prompt(record: dict) -> str:
     template = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
 
 
-def tokenize_example(tokenizer, prompt: str, response: str, max_len: int, train_on_prompt: bool = False) -> Dict[str, List[int]]:
-    """input_ids = [bos] prompt response [eos]; labels = IGNORE_INDEX on the prompt unless train_on_prompt."""
-    prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_len]
-    labels = (list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
-    return {"input_ids": input_ids, "labels": labels[:max_len]}
+def detect_format(keys) -> Optional[str]:
+    keys = set(keys)
+    for name in ("messages", "metamath", "commonsense", "alpaca"):  # most specific first
+        if set(FORMATS[name][0]) <= keys:
+            return name
+    return None
 
 
-def pad_batch(examples: List[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids/labels/attention_mask, each [B, T]."""
+def read_records(path: str) -> List[dict]:
+    """Records of a .json / .jsonl / .parquet file; malformed JSON names the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {path} does not exist")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    if p.suffix not in (".json", ".jsonl"):
+        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use .json, .jsonl or .parquet")
+    text = p.read_text()
+    if p.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: record {bad + 1} is a {type(records[bad]).__name__}, expected a JSON object")
+    return records
+
+
+def load_records(source: str, split: str = "train") -> Tuple[List[dict], str]:
+    """(records, where) from a local file or a hub dataset name."""
+    if Path(source).suffix in (".json", ".jsonl", ".parquet") or Path(source).exists():
+        return read_records(source), source
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(source, split=split)
+    except Exception as err:  # the hub is often unreachable on compute nodes: say so plainly
+        raise DataError(f"could not load dataset {source!r} (not a local .json/.jsonl/.parquet file, and the hub said: {err})") from None
+    return ds.to_list(), source
+
+
+def check_records(records: List[dict], where: str, dataset_format: Optional[str]) -> str:
+    """The format (given or detected); DataError naming the first record that lacks a required field."""
+    if not records:
+        raise DataError(f"{where}: no records")
+    how = "given"
+    if dataset_format in (None, "auto"):
+        dataset_format = detect_format(records[0].keys())
+        how = "detected from the keys"
+        if dataset_format is None:
+            wanted = "; ".join(f"{n}: {', '.join(req)}" for n, (req, _) in FORMATS.items())
+            raise DataError(f"{where}: cannot tell the format from the keys {sorted(records[0])}; expected one of {wanted}")
+    elif dataset_format not in FORMATS:
+        raise DataError(f"unknown dataset_format {dataset_format!r}; choose one of {', '.join(FORMATS)} or auto")
+    required = FORMATS[dataset_format][0]
+    for i, rec in enumerate(records, 1):
+        missing = [k for k in required if k not in rec or rec[k] is None]
+        if missing:
+            raise DataError(f"{where}: record {i} lacks field {missing[0]!r}, required by format {dataset_format} ({how})")
+    return dataset_format
+
+
+def _chat_text(tokenizer, messages: List[dict], add_generation_prompt: bool) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # no chat template: a plain, documented fallback
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    return text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def prompt_response_pairs(record: dict, dataset_format: str, tokenizer) -> List[Tuple[str, bool]]:
+    """The example as text pieces, each flagged True where the loss applies (the response)."""
+    if dataset_format in ("alpaca", "commonsense"):
+        return [(alpaca_prompt(record), False), (record["output"], True)]
+    if dataset_format == "metamath":
+        return [(ALPACA_NO_INPUT.format(instruction=record["query"]), False), (record["response"], True)]
+    pieces, done = [], ""
+    msgs = record["messages"]
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            prompt = _chat_text(tokenizer, msgs[:i], add_generation_prompt=True)
+            full = _chat_text(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+    if not pieces:
+        raise DataError("a messages record has no assistant turn to learn from")
+    return pieces
+
+
+def tokenize_pieces(tokenizer, pieces: List[Tuple[str, bool]], max_len: int, train_on_prompt: bool) -> Dict[str, list]:
+    """[bos] piece... [eos], labels IGNORE_INDEX outside responses (and on bos, always). Truncated to max_len."""
+    ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+    for text, is_response in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(piece)
+    ids.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id)
+    full_len = len(ids)
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len], "full_length": full_len}
+
+
+def tokenize_example(tokenizer, prompt: str, response: str, max_len: int, train_on_prompt: bool = False) -> Dict[str, list]:
+    return tokenize_pieces(tokenizer, [(prompt, False), (response, True)], max_len, train_on_prompt)
+
+
+@dataclass
+class TokenizedData:
+    examples: List[Dict[str, list]]  # input_ids, labels
+    dataset_format: str
+    n_records: int
+    n_truncated: int
+    n_dropped: int
+
+
+def tokenize_records(records, where, tokenizer, dataset_format, max_len, train_on_prompt=False, cache_dir=None) -> TokenizedData:
+    """Check, tokenize (cached through ``datasets``), truncate; drop examples left with no response token."""
+    from datasets import Dataset
+
+    fmt = check_records(records, where, dataset_format)
+
+    def encode(rec):
+        return tokenize_pieces(tokenizer, prompt_response_pairs(rec, fmt, tokenizer), max_len, train_on_prompt)
+
+    ds = Dataset.from_list(records)
+    cache = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache = str(Path(cache_dir) / f"tokenized-{ds._fingerprint}-{fmt}-{max_len}-{int(train_on_prompt)}.arrow")
+    ds = ds.map(encode, remove_columns=ds.column_names, cache_file_name=cache, load_from_cache_file=cache is not None,
+                desc="tokenizing", new_fingerprint=None)
+    examples, truncated, dropped = [], 0, 0
+    for ex in ds:
+        if ex["full_length"] > max_len:
+            truncated += 1
+        if all(l == IGNORE_INDEX for l in ex["labels"][1:]):
+            dropped += 1
+            continue
+        examples.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
+    if not examples:
+        raise DataError(
+            f"{where}: all {len(records)} examples were dropped: {truncated} are longer than max_seq_length={max_len} "
+            f"and none keeps a response token after truncation. Raise --max_seq_length or shorten the prompts."
+        )
+    return TokenizedData(examples, fmt, len(records), truncated, dropped)
+
+
+def pack_examples(examples: List[Dict[str, list]], max_len: int, seed: int) -> List[List[Dict[str, list]]]:
+    """Greedy first-fit of shuffled examples into rows of at most max_len tokens (deterministic by seed)."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows, room = [], []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(examples[i])
+                room[r] -= n
+                break
+        else:
+            rows.append([examples[i]])
+            room.append(max_len - n)
+    return rows
+
+
+def collate_packed(rows: List[List[Dict[str, list]]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Padding-free packed batch: input_ids/labels/position_ids [B, T], no attention_mask."""
+    flat = [[tok for ex in row for tok in ex["input_ids"]] for row in rows]
+    longest = max(map(len, flat))
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    # trailing pad continues the last example's positions so it cannot look like a new sequence start
+    pos = torch.zeros((len(rows), longest), dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for ex in row:
+            n = len(ex["input_ids"])
+            ids[b, t:t + n] = torch.tensor(ex["input_ids"])
+            labels[b, t:t + n] = torch.tensor(ex["labels"])
+            pos[b, t:t + n] = torch.arange(n)
+            t += n
+        if t < longest:
+            pos[b, t:] = torch.arange(pos[b, t - 1] + 1, pos[b, t - 1] + 1 + longest - t)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def pad_batch(examples: List[Dict[str, list]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids/labels/attention_mask [B, T]."""
     longest = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
@@ -49,3 +262,54 @@ def pad_batch(examples: List[Dict[str, List[int]]], pad_id: int) -> Dict[str, to
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class GlobalBatches:
+    """Deterministic order of training units (examples or packed rows) over epochs and ranks.
+
+    Step s of epoch e uses units perm_e[s·G : (s+1)·G] with G = micro · world · accum; micro-batch j of
+    rank w takes the slice starting at (j·world + w)·micro. A step is a pure function of (seed, step),
+    so resume continues the same sample order. The last incomplete global batch of an epoch is dropped.
+    """
+
+    def __init__(self, units: list, micro: int, world: int, accum: int, seed: int, packed: bool, pad_id: int):
+        self.units, self.micro, self.world, self.accum = units, micro, world, accum
+        self.seed, self.packed, self.pad_id = seed, packed, pad_id
+        self.global_batch = micro * world * accum
+        self.steps_per_epoch = len(units) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(units)} training {'rows' if packed else 'examples'} are fewer than one global batch "
+                f"({micro} per device x {world} devices x {accum} accumulation = {self.global_batch})"
+            )
+        self._perm_epoch, self._perm = None, None
+
+    def _permutation(self, epoch: int) -> List[int]:
+        if self._perm_epoch != epoch:
+            self._perm = torch.randperm(len(self.units), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def step_units(self, step: int) -> list:
+        """All units of global step ``step`` (0-based), in micro-batch-major, rank-minor order."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        perm = self._permutation(epoch)
+        return [self.units[i] for i in perm[s * self.global_batch:(s + 1) * self.global_batch]]
+
+    def micro_batches(self, step: int, rank: int) -> Iterator[Dict[str, torch.Tensor]]:
+        units = self.step_units(step)
+        for j in range(self.accum):
+            start = (j * self.world + rank) * self.micro
+            chunk = units[start:start + self.micro]
+            yield collate_packed(chunk, self.pad_id) if self.packed else pad_batch(chunk, self.pad_id)
+
+    def label_tokens(self, step: int) -> int:
+        """Tokens that carry a loss in the whole global batch (every rank computes the same number)."""
+        units = self.step_units(step)
+        exs = [ex for row in units for ex in row] if self.packed else units
+        return sum(sum(1 for l in ex["labels"][1:] if l != IGNORE_INDEX) for ex in exs)
+
+    def real_tokens(self, step: int) -> int:
+        units = self.step_units(step)
+        exs = [ex for row in units for ex in row] if self.packed else units
+        return sum(len(ex["input_ids"]) for ex in exs)
