@@ -30,5 +30,4 @@ setup(
         "eval": ["evaluate>=0.4", "matplotlib>=3.8"],
         "dev": ["pytest>=8", "matplotlib>=3.8", "evaluate>=0.4"],
     },
-    entry_points={"console_scripts": ["clora-ds-demo=clora_ds.demo:main"]},
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up clora_ds (idempotent) and run one of its jobs.
 #
-#   bash launch/quickstart.sh demo [demo flags]    # CPU demo: tiny LLaMA + tokenizer + data built locally, CLoRA training
+#   bash launch/quickstart.sh demo [train flags]   # CPU demo: tiny LLaMA + tokenizer + data built locally, then
+#                                                  # launch/train.py with 2 CPU ranks (ZeRO-2) -> out/demo/run/adapter
 #   bash launch/quickstart.sh test [pytest flags]  # the test suite (what .ci/run runs)
 #
 # Needs Python >= 3.10 with pip and a C compiler (DeepSpeed JIT-builds its CPU ops on first use).
@@ -30,7 +31,15 @@ fi
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$job" = demo ]; then
-  exec "$PYTHON" launch/demo.py "$@"
+  "$PYTHON" launch/make_demo_assets.py out/demo/assets
+  # the deepspeed launcher starts "python" from PATH: make it this interpreter
+  export PATH="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')"):$PATH"
+  exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json \
+    --model_name_or_path out/demo/assets/model --train_file out/demo/assets/data/train.jsonl \
+    --output_dir out/demo/run --overwrite_output_dir \
+    --max_steps 40 --per_device_train_batch_size 8 --learning_rate 2e-2 --max_seq_length 256 \
+    --lora_r 8 --lora_alpha 16 --lora_dropout 0 --clora_k 5 --clora_lambda 1 \
+    --logging_steps 5 --save_steps 20 "$@"
 else
   exec "$PYTHON" -m pytest tests -p no:cacheprovider -rs "$@"
 fi

@@ -48,7 +48,8 @@ def single(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_zero_stages_match_single_process(config, single, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    proc = launch(tiny_model_dir, out, config=config)
+    extra = {"eval_file": DATA / "alpaca_tiny.jsonl", "save_steps": 2, "save_total_limit": 1} if config == "zero3.json" else {}
+    proc = launch(tiny_model_dir, out, config=config, **extra)
     assert "world size 2" in proc.stdout
     got, ref = losses(out), losses(single)
     assert len(got) == len(ref) == 5
@@ -62,6 +63,43 @@ def test_zero_stages_match_single_process(config, single, tiny_model_dir, tmp_pa
     for k in mine:
         assert mine[k].numel() > 0 and mine[k].shape == theirs[k].shape
         assert (mine[k] - theirs[k]).abs().max() < 1e-4, k
+    if config == "zero3.json":
+        assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-5"]  # save_total_limit=1
+        check_adapter_in_fresh_process(tiny_model_dir, out, tmp_path)
+
+
+def check_adapter_in_fresh_process(model_dir, out, tmp_path):
+    """The ZeRO-3 engine's own eval loss at the end == plain PEFT's, in a process without clora_ds."""
+    from transformers import LlamaTokenizer
+
+    from clora_ds.data import alpaca_prompt, tokenize_example
+
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    engine_loss = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+    tok = LlamaTokenizer.from_pretrained(str(model_dir))
+    records = [json.loads(l) for l in (DATA / "alpaca_tiny.jsonl").read_text().splitlines()]
+    examples = [tokenize_example(tok, alpaca_prompt(r), r["output"], 256) for r in records]
+    torch.save([torch.tensor(e["input_ids"]) for e in examples], tmp_path / "ids.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, dtype=torch.float32)
+model = PeftModel.from_pretrained(base, {str(out / 'adapter')!r}).eval()
+with torch.no_grad():
+    logits = [model(input_ids=ids[None]).logits[0] for ids in torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)]
+torch.save(logits, {str(tmp_path / 'logits.pt')!r})
+assert not any(m.startswith('clora_ds') for m in sys.modules)
+"""
+    run_checked([sys.executable, "-c", code], timeout=600)
+    logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    total, count = 0.0, 0
+    for lg, ex in zip(logits, examples):
+        labels = torch.tensor(ex["labels"][1:])
+        keep = labels != -100
+        total += torch.nn.functional.cross_entropy(lg[:-1][keep], labels[keep], reduction="sum").item()
+        count += int(keep.sum())
+    assert abs(total / count - engine_loss) < 1e-4, (total / count, engine_loss)
 
 
 @pytest.mark.slow
