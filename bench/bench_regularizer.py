@@ -19,8 +19,10 @@ Before timing, the script checks that the three give the same value and gradient
 P here is a scaled Gaussian, not orthonormalised (a QR of [11008, 2048] per module costs far more
 than the benchmark itself); its values do not affect the time.
 
-Run (CPU default, ~1 minute on 2 cores, < 2 GiB RAM):
+Run (CPU default: about 40 s on an idle 2-core machine, 1.3 GiB peak RAM):
     python bench/bench_regularizer.py
+Time only on an otherwise idle machine: with 2 OpenMP threads on 2 cores, any other busy process
+makes every small matmul wait at a thread barrier and inflates times (and skews the ratios) up to 30×.
 Full size on a GPU box (P is 14.4 GB fp32 at k=2048, 32 layers):
     python bench/bench_regularizer.py --device cuda --layers 32
 """

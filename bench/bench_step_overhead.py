@@ -11,10 +11,11 @@ After warmup the variants are interleaved (order rotated each round: ABC, BCA, C
 background load hits all of them alike; the table gives medians, the ratio of medians, and the
 median of the per-round paired ratios. Target: clora / lora <= 1.03.
 
-Default (CPU, fp32, about 3 minutes on 2 cores, < 3 GiB RAM): LlamaConfig hidden 512, intermediate
+Default (CPU, fp32, about 3 minutes on an idle 2-core machine, 1.5 GiB peak RAM): LlamaConfig hidden 512, intermediate
 1376, 4 layers, 8 heads, 4 KV heads, vocab 1000, seq 2048, batch 1, sdpa attention; LoRA r=32,
 alpha=64 on q,k,v,up,down; k = hidden/8 = 64.
     python bench/bench_step_overhead.py
+Time only on an otherwise idle machine (other processes make 2-thread CPU steps vary up to 4×).
 Add --profile to print a torch.profiler table of one step of each variant.
 Full size (LLaMA-2-7B shapes) on a GPU box; bf16 base weights so the three models fit on one 80 GB GPU:
     python bench/bench_step_overhead.py --device cuda --dtype bf16 --layers 32 --hidden 4096 \

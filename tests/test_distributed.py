@@ -4,6 +4,7 @@ Every layout sees the same global batches (4 sequences of 24 tokens per step), f
 Runs through the real `deepspeed` launcher (CPU accelerator, gloo); nothing is mocked.
 """
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,19 @@ def test_zero_matches_single_process(stage, single_process, tiny_model_dir, tmp_
     for key, value in adapter.items():
         full_key = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
         assert torch.equal(value, weights[full_key]), key
+    # plain PEFT in a fresh process (no clora_ds) reproduces the trained engine's logits
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+probe = torch.load({str(tmp_path / 'none-mb2-probe.pt')!r}, weights_only=True)
+base = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}, dtype=torch.float32)
+model = PeftModel.from_pretrained(base, {str(tmp_path / 'none-mb2-adapter')!r}).eval()
+with torch.no_grad():
+    diff = (model(input_ids=probe["input_ids"]).logits - probe["logits"]).abs().max().item()
+assert not any(m.startswith("clora_ds") for m in sys.modules)
+print("MAXDIFF", diff)
+"""
+    proc = run_checked([sys.executable, "-c", code], timeout=600)
+    diff = float(proc.stdout.split("MAXDIFF")[1])
+    assert diff < 1e-4, diff

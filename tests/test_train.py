@@ -105,8 +105,10 @@ assert not any(m.startswith('clora_ds') for m in sys.modules)
 @pytest.mark.slow
 def test_loss_falls(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    launch(tiny_model_dir, out, ranks=1, max_steps=24, learning_rate=2e-2, per_device_train_batch_size=8, lora_r=8)
+    launch(tiny_model_dir, out, ranks=1, max_steps=24, learning_rate=2e-2, per_device_train_batch_size=8, lora_r=8,
+           report_to="csv")
     curve = losses(out)
+    assert any((out / "monitor").rglob("*.csv")), "--report_to csv must feed DeepSpeed's CSV monitor"
     # a random tiny model starts near uniform (ln 200 ≈ 5.3 nats); 24 steps take it down ~0.3 nats
     assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.15, curve
     assert (out / "loss_curve.png").stat().st_size > 1000

@@ -143,6 +143,12 @@ def main():
         weights = lora_state_dict(model)
         if run.get("save_adapter"):
             save_clora_adapter(model, out / f"{run['name']}-adapter", overwrite=True)
+            probe = batches(model.module.config.vocab_size if hasattr(model, "module") else model.config.vocab_size, 1, seed=99)[0]
+            model.eval()
+            with torch.no_grad():  # every rank runs the forward: ZeRO-3 gathers collectively
+                logits = model(input_ids=probe).logits
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                torch.save({"input_ids": probe, "logits": logits.cpu()}, out / f"{run['name']}-probe.pt")
         if not dist.is_initialized() or dist.get_rank() == 0:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"{run['name']}.safetensors"))
             (out / f"{run['name']}.json").write_text(json.dumps({"losses": losses, "penalties": penalties}))
