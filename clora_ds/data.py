@@ -16,7 +16,6 @@ to each other.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -36,11 +35,11 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-FORMATS = {  # format -> (required keys, optional keys)
-    "alpaca": (("instruction", "output"), ("input",)),
-    "commonsense": (("instruction", "output", "answer"), ("input",)),
-    "metamath": (("query", "response"), ("type",)),
-    "messages": (("messages",), ()),
+FORMATS = {  # format -> required keys (optional ones are in the module docstring)
+    "alpaca": ("instruction", "output"),
+    "commonsense": ("instruction", "output", "answer"),
+    "metamath": ("query", "response"),
+    "messages": ("messages",),
 }
 
 
@@ -56,7 +55,7 @@ def alpaca_prompt(record: dict) -> str:
 def detect_format(keys) -> Optional[str]:
     keys = set(keys)
     for name in ("messages", "metamath", "commonsense", "alpaca"):  # most specific first
-        if set(FORMATS[name][0]) <= keys:
+        if set(FORMATS[name]) <= keys:
             return name
     return None
 
@@ -93,17 +92,17 @@ def read_records(path: str) -> List[dict]:
     return records
 
 
-def load_records(source: str, split: str = "train") -> Tuple[List[dict], str]:
-    """(records, where) from a local file or a hub dataset name."""
+def load_records(source: str, split: str = "train") -> List[dict]:
+    """Records of a local file or a hub dataset name."""
     if Path(source).suffix in (".json", ".jsonl", ".parquet") or Path(source).exists():
-        return read_records(source), source
+        return read_records(source)
     from datasets import load_dataset
 
     try:
         ds = load_dataset(source, split=split)
     except Exception as err:  # the hub is often unreachable on compute nodes: say so plainly
         raise DataError(f"could not load dataset {source!r} (not a local .json/.jsonl/.parquet file, and the hub said: {err})") from None
-    return ds.to_list(), source
+    return ds.to_list()
 
 
 def check_records(records: List[dict], where: str, dataset_format: Optional[str]) -> str:
@@ -115,11 +114,11 @@ def check_records(records: List[dict], where: str, dataset_format: Optional[str]
         dataset_format = detect_format(records[0].keys())
         how = "detected from the keys"
         if dataset_format is None:
-            wanted = "; ".join(f"{n}: {', '.join(req)}" for n, (req, _) in FORMATS.items())
+            wanted = "; ".join(f"{n}: {', '.join(req)}" for n, req in FORMATS.items())
             raise DataError(f"{where}: cannot tell the format from the keys {sorted(records[0])}; expected one of {wanted}")
     elif dataset_format not in FORMATS:
         raise DataError(f"unknown dataset_format {dataset_format!r}; choose one of {', '.join(FORMATS)} or auto")
-    required = FORMATS[dataset_format][0]
+    required = FORMATS[dataset_format]
     for i, rec in enumerate(records, 1):
         missing = [k for k in required if k not in rec or rec[k] is None]
         if missing:
@@ -152,6 +151,11 @@ def prompt_response_pairs(record: dict, dataset_format: str, tokenizer) -> List[
     if not pieces:
         raise DataError("a messages record has no assistant turn to learn from")
     return pieces
+
+
+def loss_token_count(labels) -> int:
+    """Tokens that carry a loss: HF predicts labels[1:] (the shift), ignoring IGNORE_INDEX."""
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
 def tokenize_pieces(tokenizer, pieces: List[Tuple[str, bool]], max_len: int, train_on_prompt: bool) -> Dict[str, list]:
@@ -195,12 +199,12 @@ def tokenize_records(records, where, tokenizer, dataset_format, max_len, train_o
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         cache = str(Path(cache_dir) / f"tokenized-{ds._fingerprint}-{fmt}-{max_len}-{int(train_on_prompt)}.arrow")
     ds = ds.map(encode, remove_columns=ds.column_names, cache_file_name=cache, load_from_cache_file=cache is not None,
-                desc="tokenizing", new_fingerprint=None)
+                desc="tokenizing")
     examples, truncated, dropped = [], 0, 0
     for ex in ds:
         if ex["full_length"] > max_len:
             truncated += 1
-        if all(l == IGNORE_INDEX for l in ex["labels"][1:]):
+        if loss_token_count(ex["labels"]) == 0:
             dropped += 1
             continue
         examples.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
@@ -229,38 +233,41 @@ def pack_examples(examples: List[Dict[str, list]], max_len: int, seed: int) -> L
     return rows
 
 
+def _right_pad(rows_ids: List[List[int]], rows_labels: List[List[int]], pad_id: int):
+    """input_ids (pad_id) and labels (IGNORE_INDEX) [B, T], right-padded to the longest row."""
+    longest = max(map(len, rows_ids))
+    ids = torch.full((len(rows_ids), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows_ids), longest), IGNORE_INDEX, dtype=torch.long)
+    for b, (row_ids, row_labels) in enumerate(zip(rows_ids, rows_labels)):
+        ids[b, :len(row_ids)] = torch.tensor(row_ids)
+        labels[b, :len(row_labels)] = torch.tensor(row_labels)
+    return ids, labels
+
+
 def collate_packed(rows: List[List[Dict[str, list]]], pad_id: int) -> Dict[str, torch.Tensor]:
     """Padding-free packed batch: input_ids/labels/position_ids [B, T], no attention_mask."""
-    flat = [[tok for ex in row for tok in ex["input_ids"]] for row in rows]
-    longest = max(map(len, flat))
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-    # trailing pad continues the last example's positions so it cannot look like a new sequence start
-    pos = torch.zeros((len(rows), longest), dtype=torch.long)
+    ids, labels = _right_pad([[t for ex in row for t in ex["input_ids"]] for row in rows],
+                             [[t for ex in row for t in ex["labels"]] for row in rows], pad_id)
+    # positions restart per example; trailing pad continues the last example's positions so it cannot
+    # look like a new sequence start
+    pos = torch.zeros_like(ids)
     for b, row in enumerate(rows):
         t = 0
         for ex in row:
             n = len(ex["input_ids"])
-            ids[b, t:t + n] = torch.tensor(ex["input_ids"])
-            labels[b, t:t + n] = torch.tensor(ex["labels"])
             pos[b, t:t + n] = torch.arange(n)
             t += n
-        if t < longest:
-            pos[b, t:] = torch.arange(pos[b, t - 1] + 1, pos[b, t - 1] + 1 + longest - t)
+        if t < ids.shape[1]:
+            pos[b, t:] = torch.arange(pos[b, t - 1] + 1, pos[b, t - 1] + 1 + ids.shape[1] - t)
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 def pad_batch(examples: List[Dict[str, list]], pad_id: int) -> Dict[str, torch.Tensor]:
     """Right-padded batch: input_ids/labels/attention_mask [B, T]."""
-    longest = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    ids, labels = _right_pad([e["input_ids"] for e in examples], [e["labels"] for e in examples], pad_id)
+    mask = torch.zeros_like(ids)
     for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
+        mask[i, :len(e["input_ids"])] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -282,6 +289,10 @@ class GlobalBatches:
                 f"{len(units)} training {'rows' if packed else 'examples'} are fewer than one global batch "
                 f"({micro} per device x {world} devices x {accum} accumulation = {self.global_batch})"
             )
+        exs = (lambda unit: unit) if packed else (lambda unit: [unit])
+        # per-unit counts never change: computed once, not per step on the hot path
+        self._loss_tokens = [sum(loss_token_count(ex["labels"]) for ex in exs(u)) for u in units]
+        self._real_tokens = [sum(len(ex["input_ids"]) for ex in exs(u)) for u in units]
         self._perm_epoch, self._perm = None, None
 
     def _permutation(self, epoch: int) -> List[int]:
@@ -290,26 +301,21 @@ class GlobalBatches:
             self._perm_epoch = epoch
         return self._perm
 
-    def step_units(self, step: int) -> list:
-        """All units of global step ``step`` (0-based), in micro-batch-major, rank-minor order."""
+    def step_indices(self, step: int) -> List[int]:
+        """Unit indices of global step ``step`` (0-based), in micro-batch-major, rank-minor order."""
         epoch, s = divmod(step, self.steps_per_epoch)
-        perm = self._permutation(epoch)
-        return [self.units[i] for i in perm[s * self.global_batch:(s + 1) * self.global_batch]]
+        return self._permutation(epoch)[s * self.global_batch:(s + 1) * self.global_batch]
 
     def micro_batches(self, step: int, rank: int) -> Iterator[Dict[str, torch.Tensor]]:
-        units = self.step_units(step)
+        indices = self.step_indices(step)
         for j in range(self.accum):
             start = (j * self.world + rank) * self.micro
-            chunk = units[start:start + self.micro]
+            chunk = [self.units[i] for i in indices[start:start + self.micro]]
             yield collate_packed(chunk, self.pad_id) if self.packed else pad_batch(chunk, self.pad_id)
 
     def label_tokens(self, step: int) -> int:
         """Tokens that carry a loss in the whole global batch (every rank computes the same number)."""
-        units = self.step_units(step)
-        exs = [ex for row in units for ex in row] if self.packed else units
-        return sum(sum(1 for l in ex["labels"][1:] if l != IGNORE_INDEX) for ex in exs)
+        return sum(self._loss_tokens[i] for i in self.step_indices(step))
 
     def real_tokens(self, step: int) -> int:
-        units = self.step_units(step)
-        exs = [ex for row in units for ex in row] if self.packed else units
-        return sum(len(ex["input_ids"]) for ex in exs)
+        return sum(self._real_tokens[i] for i in self.step_indices(step))

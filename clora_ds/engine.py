@@ -14,6 +14,7 @@ into ranks and micro-batches.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from .adapter import attach_clora, save_clora_adapter
 from .arguments import DataArguments, ModelArguments, TrainArguments, arguments_dict
 from .config import CLoRAConfig
-from .data import GlobalBatches, load_records, pack_examples, pad_batch, tokenize_records
+from .data import GlobalBatches, load_records, loss_token_count, pack_examples, pad_batch, tokenize_records
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -108,7 +109,7 @@ def make_lr_scheduler(train: TrainArguments, total_steps: int):
 
 def resolve_ds_config(raw: dict, train: TrainArguments, world: int, hidden_size: int, total_steps: int, output_dir: Path) -> dict:
     """The DeepSpeed config with every "auto" filled from the CLI; ConfigError listing each contradiction."""
-    cfg = json.loads(json.dumps(raw))
+    cfg = copy.deepcopy(raw)
     problems = []
 
     def fill(section: dict, key: str, value, flag: str):
@@ -236,8 +237,7 @@ def save_training_checkpoint(engine, output_dir: Path, step: int, state: dict, s
     if rank() == 0 and ckpt.exists():  # a leftover from a crash mid-save: never half-trust it
         shutil.rmtree(ckpt)
     barrier()
-    engine.save_checkpoint(str(output_dir), tag=tag, client_state={"clora_step": step}, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(str(output_dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     torch.save(_rng_state(), ckpt / f"rng_state_{rank()}.pt")
     if rank() == 0:
         (ckpt / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
@@ -314,10 +314,10 @@ def build_model(model_args: ModelArguments, train: TrainArguments, ds_config: di
 # ---------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------
-def prepare_data(path, data: DataArguments, tokenizer, seed: int, cache_dir: Path, what: str):
-    records, where = load_records(path)
-    tok = tokenize_records(records, where, tokenizer, data.dataset_format, data.max_seq_length, data.train_on_prompt, cache_dir)
-    log(f"{what} data {where}: {tok.n_records} records, format {tok.dataset_format}; {tok.n_truncated} truncated to "
+def prepare_data(path, data: DataArguments, tokenizer, cache_dir: Path, what: str):
+    tok = tokenize_records(load_records(path), path, tokenizer, data.dataset_format, data.max_seq_length,
+                           data.train_on_prompt, cache_dir)
+    log(f"{what} data {path}: {tok.n_records} records, format {tok.dataset_format}; {tok.n_truncated} truncated to "
         f"{data.max_seq_length} tokens, {tok.n_dropped} dropped (no response token left)")
     return tok
 
@@ -329,8 +329,9 @@ def evaluate(engine, examples, batch_size: int, pad_id: int) -> float:
     mine = examples[rank()::world_size()]
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(engine.device) for k, v in pad_batch(mine[i:i + batch_size], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            chunk = mine[i:i + batch_size]
+            batch = {k: v.to(engine.device) for k, v in pad_batch(chunk, pad_id).items()}
+            n = sum(loss_token_count(e["labels"]) for e in chunk)
             out = engine(**batch, use_cache=False, num_items_in_batch=max(n, 1))
             total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
     if dist.is_initialized():
@@ -388,16 +389,14 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
     except json.JSONDecodeError as err:
         raise ConfigError(f"--deepspeed {ds_path}:{err.lineno}: malformed JSON ({err.msg})") from None
 
-    random.seed(train.seed)
-    torch.manual_seed(train.seed)
     hf_config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cache_dir = Path(data.cache_dir) if data.cache_dir else output_dir / ".cache"
     # rank 0 tokenizes first and fills the cache; the others then read it
     tokenized, eval_examples = rank0_first(lambda: (
-        prepare_data(data.train_file, data, tokenizer, train.seed, cache_dir, "train"),
-        prepare_data(data.eval_file, data, tokenizer, train.seed, cache_dir, "eval").examples if data.eval_file else None))
+        prepare_data(data.train_file, data, tokenizer, cache_dir, "train"),
+        prepare_data(data.eval_file, data, tokenizer, cache_dir, "eval").examples if data.eval_file else None))
     units = pack_examples(tokenized.examples, data.max_seq_length, train.seed) if data.packing else tokenized.examples
     if data.packing:
         log(f"packed {len(tokenized.examples)} examples into {len(units)} rows of <= {data.max_seq_length} tokens")

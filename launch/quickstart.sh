@@ -32,8 +32,6 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$job" = demo ]; then
   "$PYTHON" launch/make_demo_assets.py out/demo/assets
-  # the deepspeed launcher starts "python" from PATH: make it this interpreter
-  export PATH="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')"):$PATH"
   exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json \
     --model_name_or_path out/demo/assets/model --train_file out/demo/assets/data/train.jsonl \
     --output_dir out/demo/run --overwrite_output_dir \
