@@ -48,6 +48,10 @@ def _gathered(params: List[torch.Tensor]):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _linear_shapes(model: torch.nn.Module) -> Dict[str, Tuple[int, int]]:
     """name -> (out, in) of every nn.Linear, read from attributes (valid under ZeRO-3 partitioning)."""
     return {
@@ -114,11 +118,15 @@ class CLoRARegularizer:
         where = f"{name}.lora_{side}"
 
         def hook(module, inputs, output):
-            scale = self.scale
-            grad_on = torch.is_grad_enabled()
-            if not (module.training and (scale.collecting or grad_on)):
+            if not module.training:
                 return None
+            scale = self.scale
             weight = module.weight
+            # A tap is needed once per forward: in the forward itself, or (reentrant checkpointing, whose
+            # forward runs without grad) in the recompute. A non-reentrant recompute finds it already made.
+            tap = torch.is_grad_enabled() and scale.lam > 0 and weight.requires_grad and where not in scale.tapped
+            if not (scale.collecting or tap):
+                return None
             if weight.numel() != numel:
                 raise RuntimeError(
                     f"CLoRA: {where}.weight has {weight.numel()} elements inside its forward, expected {numel}: "
@@ -126,13 +134,17 @@ class CLoRARegularizer:
                     "while ZeRO-3 holds the weight gathered."
                 )
             subspace.on(weight.device)
-            if side == "A":
-                r = SubspacePenalty.apply(weight, subspace.p_in)  # ½‖A P_in‖², A [r, in]
-            else:
-                r = SubspacePenalty.apply(weight.t(), subspace.p_out)  # ½‖Bᵀ P_out‖², Bᵀ [r, out]
+            # M [r, k] and P are saved as they are, never through activation checkpointing's pack hooks:
+            # they are small, and then a recompute has nothing of ours to reproduce
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                if side == "A":
+                    r = SubspacePenalty.apply(weight, subspace.p_in)  # ½‖A P_in‖², A [r, in]
+                else:
+                    r = SubspacePenalty.apply(weight.t(), subspace.p_out)  # ½‖Bᵀ P_out‖², Bᵀ [r, out]
             if scale.collecting:
                 scale.values[where] = r.detach()
-            if grad_on and scale.lam > 0 and weight.requires_grad:
+            if tap:
+                scale.tapped.add(where)
                 return PenaltyTap.apply(output, r, scale, where)
             return None
 

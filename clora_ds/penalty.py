@@ -90,6 +90,7 @@ class PenaltyScale:
         self.lam = lam
         self.collecting = True
         self.values: dict = {}
+        self.tapped: set = set()  # modules whose gradient tap is already in this forward's graph
         self.grad: Optional[torch.Tensor] = None
 
 

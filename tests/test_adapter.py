@@ -236,3 +236,28 @@ assert not any(m.startswith('clora_ds') for m in sys.modules), 'clora_ds was imp
     assert (got - expected).abs().max().item() < 1e-5
     with pytest.raises(FileExistsError):
         save_clora_adapter(model, out)
+
+
+@pytest.mark.parametrize("checkpointing, per_module", [("none", 1), ("nonreentrant", 1), ("reentrant", 2)])
+def test_penalty_evaluations_per_step(tiny_model_dir, monkeypatch, checkpointing, per_module):
+    """Once per module and step; reentrant needs a second one (its forward runs without grad, so the
+    gradient tap is made in the recompute). A non-reentrant recompute must not redo it."""
+    import clora_ds.adapter as adapter_module
+    from clora_ds.penalty import SubspacePenalty
+
+    calls = []
+
+    class Counting(SubspacePenalty):
+        @staticmethod
+        def forward(ctx, x, p):
+            calls.append(1)
+            return SubspacePenalty.forward(ctx, x, p)
+
+    monkeypatch.setattr(adapter_module, "SubspacePenalty", Counting)
+    model = clora_model(tiny_model_dir)
+    if checkpointing != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+    ids = input_ids(model.config.vocab_size)
+    model.clora.penalty_term(model(input_ids=ids, labels=ids).loss).backward()
+    assert len(calls) == per_module * 2 * len(model.clora.subspaces)
