@@ -61,11 +61,17 @@ class SiblingFailed(RuntimeError):
     """Another rank hit an error and reports it; this rank exits quietly."""
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must live for a collective: NCCL takes CUDA tensors only, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(t)
     return t.item() > 0
 
@@ -325,7 +331,7 @@ def prepare_data(path, data: DataArguments, tokenizer, cache_dir: Path, what: st
 def evaluate(engine, examples, batch_size: int, pad_id: int) -> float:
     """Token-mean loss over examples sharded across ranks."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=collective_device())  # NCCL cannot reduce a CPU tensor
     mine = examples[rank()::world_size()]
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
@@ -333,7 +339,7 @@ def evaluate(engine, examples, batch_size: int, pad_id: int) -> float:
             batch = {k: v.to(engine.device) for k, v in pad_batch(chunk, pad_id).items()}
             n = sum(loss_token_count(e["labels"]) for e in chunk)
             out = engine(**batch, use_cache=False, num_items_in_batch=max(n, 1))
-            total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
+            total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64, device=total.device)
     if dist.is_initialized():
         dist.all_reduce(total)
     engine.train()
