@@ -12,6 +12,7 @@ first logging window (warm-up) is dropped and the median of the others is report
 """
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -58,6 +59,10 @@ def run(root: Path, name: str, args, **flags):
     return statistics.median(r["tokens_per_s"] for r in rows[1:]), rows[-1]["peak_mem_gb"]
 
 
+def attention_used(out: Path) -> str:
+    return json.loads((out / "train_config.json").read_text())["attention"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
@@ -68,22 +73,39 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build(root, args)
         print(f"# launch/train.py throughput (hidden {args.hidden}, {args.layers} layers, seq {args.seq}, r=32, "
               f"k={args.hidden // 8}, one process, ZeRO-2 config, {args.steps} steps, median of logging windows after the first)\n")
-        print("| variant | data | real tokens/s | peak mem GB | ratio |\n|---|---|---:|---:|---:|")
-        lora, m0 = run(root, "lora", args, train_file=root / "long.jsonl", packing="true", clora_lambda=0)
-        clora, m1 = run(root, "clora", args, train_file=root / "long.jsonl", packing="true", clora_lambda=1)
-        print(f"| λ=0 (plain LoRA) | packed long rows | {lora:.0f} | {m0:.2f} | 1.000 |")
-        print(f"| CLoRA λ=1 | packed long rows | {clora:.0f} | {m1:.2f} | step time {lora / clora:.3f}× of LoRA |")
-        pad, m2 = run(root, "pad", args, train_file=root / "skewed.jsonl", per_device_train_batch_size=8)
-        pack, m3 = run(root, "pack", args, train_file=root / "skewed.jsonl", packing="true", per_device_train_batch_size=4)
-        print(f"| padding, 8 examples/micro-batch | skewed | {pad:.0f} | {m2:.2f} | 1.000 |")
-        print(f"| packing, 4 rows of <= {args.seq} tokens/micro-batch | skewed | {pack:.0f} | {m3:.2f} | {pack / pad:.2f}× |")
+        variants = {  # name: (data, flags)
+            "lora": ("long", {"packing": "true", "clora_lambda": 0}),
+            "clora": ("long", {"packing": "true", "clora_lambda": 1}),
+            "pad": ("skewed", {"per_device_train_batch_size": 8}),
+            "pack": ("skewed", {"packing": "true", "per_device_train_batch_size": 4}),
+        }
+        # rounds interleave the variants, so a slow spell of the machine hits all of them alike
+        got = {name: [] for name in variants}
+        for r in range(args.rounds):
+            for name, (data, flags) in variants.items():
+                got[name].append(run(root, f"{name}-{r}", args, train_file=root / f"{data}.jsonl", **flags))
+        tok = {name: statistics.median(t for t, _ in runs) for name, runs in got.items()}
+        mem = {name: max(m for _, m in runs) for name, runs in got.items()}
+        print(f"rounds: {args.rounds} (each cell: median over rounds of each run's median); "
+              f"loadavg at end {os.getloadavg()[0]:.2f}\n")
+        print("| variant | data | real tokens/s | per round | peak mem GB | ratio |\n|---|---|---:|---|---:|---:|")
 
+        def row(name, label, data, ratio):
+            rounds = ", ".join(f"{t:.0f}" for t, _ in got[name])
+            print(f"| {label} | {data} | {tok[name]:.0f} | {rounds} | {mem[name]:.2f} | {ratio} |")
+
+        row("lora", "λ=0 (plain LoRA)", "packed long rows", "1.000")
+        row("clora", "CLoRA λ=1", "packed long rows", f"step time {tok['lora'] / tok['clora']:.3f}× of LoRA")
+        row("pad", "padding, 8 examples/micro-batch", "skewed", "1.000")
+        row("pack", f"packing, 4 rows of <= {args.seq} tokens/micro-batch", "skewed", f"{tok['pack'] / tok['pad']:.2f}×")
+        print(f"\nattention with --packing: {attention_used(root / 'pack-0')}")
 
 if __name__ == "__main__":
     main()

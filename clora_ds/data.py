@@ -9,9 +9,9 @@ The alpaca template is the one LLM-Adapters / MiLoRA use for commonsense and mat
 CLoRA paper), so results compare with the paper's.
 
 Packing is padding-free: examples are concatenated into rows of at most max_seq_length tokens with
-position_ids restarting at 0 for each example and no attention_mask; transformers then builds a
-block-diagonal causal mask (SDPA/eager) or varlen flash-attention, so packed examples cannot attend
-to each other.
+position_ids restarting at 0 for each example and no attention_mask; attention then runs per sequence
+(clora_ds.attention for SDPA, varlen flash-attention) or under transformers' block-diagonal causal mask
+(eager), so packed examples cannot attend to each other.
 """
 from __future__ import annotations
 

@@ -269,17 +269,28 @@ def _fault_point(name: str, step: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------------
-def choose_attention(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
+def choose_attention(requested: str, packing: bool) -> str:
+    """The attn_implementation to build the model with.
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    auto: flash_attention_2 when flash-attn imports on CUDA (its varlen kernels handle packed rows), else
+    SDPA. SDPA with --packing runs per packed sequence (clora_ds.attention) instead of over a dense
+    block-diagonal mask: same result, Σ len² work instead of T² per row.
+    """
+    attn = requested
+    if requested == "auto":
+        attn = "sdpa"
+        if torch.cuda.is_available():
+            try:
+                import flash_attn  # noqa: F401
+
+                attn = "flash_attention_2"
+            except ImportError:
+                pass
+    if attn == "sdpa" and packing:
+        from .attention import PACKED_SDPA
+
+        return PACKED_SDPA
+    return attn
 
 
 def check_model_path(name_or_path: str) -> None:
@@ -412,16 +423,17 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
     total_steps = train.max_steps if train.max_steps > 0 else math.ceil(train.num_train_epochs * batches.steps_per_epoch)
     ds_config = resolve_ds_config(raw_ds, train, world, hf_config.hidden_size, total_steps, output_dir)
 
+    attn = choose_attention(model_args.attn_implementation, data.packing)
     if resume is None and train.overwrite_output_dir:
         clear_output_dir(output_dir)
     if rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        settings = {"arguments": arguments_dict(model_args, data, train), "deepspeed": ds_config, "world_size": world}
+        settings = {"arguments": arguments_dict(model_args, data, train), "deepspeed": ds_config, "world_size": world,
+                     "attention": attn}
         (output_dir / "train_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     barrier()
 
-    attn = choose_attention(model_args.attn_implementation)
-    log(f"attention: {attn} (asked: {model_args.attn_implementation}); world size {world}; "
+    log(f"attention: {attn} (asked: {model_args.attn_implementation}, packing={data.packing}); world size {world}; "
         f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}; {total_steps} steps of "
         f"{batches.global_batch} {'rows' if data.packing else 'examples'}")
     model, keep_alive = build_model(model_args, train, ds_config, attn)

@@ -132,13 +132,28 @@ def test_sigkill_after_and_during_save_resumes_exactly(tiny_model_dir, tmp_path)
         assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-6, (fault, got, want)
 
 
-def test_packed_batch_has_the_same_per_example_loss(tiny_model_dir):
+@pytest.mark.slow
+def test_packed_training_per_sequence_sdpa_matches_dense_mask(tiny_model_dir, tmp_path):
+    """--packing through the launcher: 2 ranks with per-sequence SDPA == 1 rank with eager's dense block mask."""
+    packed = {"packing": "true", "max_seq_length": 512}
+    launch(tiny_model_dir, tmp_path / "eager", ranks=1, attn_implementation="eager", **packed)
+    proc = launch(tiny_model_dir, tmp_path / "sdpa", ranks=2, **packed)
+    assert "attention: clora_packed_sdpa" in proc.stdout and "packed 96 examples into" in proc.stdout
+    got, ref = losses(tmp_path / "sdpa"), losses(tmp_path / "eager")
+    assert len(got) == len(ref) == 5
+    assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4, (got, ref)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "clora_packed_sdpa"])
+def test_packed_batch_has_the_same_per_example_loss(tiny_model_dir, attn):
     from transformers import AutoModelForCausalLM, LlamaTokenizer
 
     from clora_ds.data import alpaca_prompt, collate_packed, pad_batch, tokenize_example
 
     tok = LlamaTokenizer.from_pretrained(str(tiny_model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, attn_implementation="sdpa").eval()
+    import clora_ds.attention  # noqa: F401  (registers clora_packed_sdpa)
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, attn_implementation=attn).eval()
     records = [json.loads(l) for l in (DATA / "alpaca_tiny.jsonl").read_text().splitlines()[:4]]
     examples = [tokenize_example(tok, alpaca_prompt(r), r["output"], 512) for r in records]
 
