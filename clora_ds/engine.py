@@ -423,6 +423,12 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
     total_steps = train.max_steps if train.max_steps > 0 else math.ceil(train.num_train_epochs * batches.steps_per_epoch)
     ds_config = resolve_ds_config(raw_ds, train, world, hf_config.hidden_size, total_steps, output_dir)
 
+    if resume is not None:
+        saved_world = len(list(resume.glob("rng_state_*.pt")))
+        if saved_world != world:
+            raise ConfigError(f"cannot resume {resume}: it was written by {saved_world} ranks and this run has {world}; "
+                              f"DeepSpeed cannot re-partition ZeRO optimizer state to another world size. Resume with "
+                              f"{saved_world} ranks, or export the adapter (OUT/adapter) and start a new run from it")
     attn = choose_attention(model_args.attn_implementation, data.packing)
     if resume is None and train.overwrite_output_dir:
         clear_output_dir(output_dir)

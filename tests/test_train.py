@@ -130,6 +130,11 @@ def test_sigkill_after_and_during_save_resumes_exactly(tiny_model_dir, tmp_path)
         got, want = losses(out), losses(ref)
         assert len(got) == 6
         assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-6, (fault, got, want)
+    # ZeRO optimizer state cannot move to another world size: one clear message, checkpoints untouched
+    before = sorted((p.name, p.stat().st_size) for p in ref.rglob("*"))
+    msg = _bad_run(tiny_model_dir, ref, max_steps=8, save_steps=2, resume_from_checkpoint="auto")
+    assert "written by 2 ranks and this run has 1" in msg
+    assert sorted((p.name, p.stat().st_size) for p in ref.rglob("*")) == before
 
 
 @pytest.mark.slow
