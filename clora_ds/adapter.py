@@ -16,15 +16,13 @@ registers its own, so they run while the weight is still whole; the hook checks 
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
+from .checkpoint import TrainingRecord, export_peft_adapter
 from .config import CLoRAConfig
 from .penalty import PenaltyAnchor, PenaltyScale, PenaltyTap, SubspacePenalty
 from .subspace import ModuleSubspace, build_module_subspaces, subspace_nbytes
@@ -204,18 +202,10 @@ def attach_clora(
     Under ZeRO-3 (model built in ``deepspeed.zero.Init``) every rank must call this, since the svd_*
     inits gather each frozen W once. ``subspace_device`` is where the QR/SVD run (default CPU).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     targets = resolve_target_modules(model, config)
-    lora_config = LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,
-        lora_dropout=config.dropout,
-        target_modules=sorted(targets),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name)
+    peft_model = get_peft_model(model, config.peft_lora_config(targets), adapter_name=adapter_name)
 
     device = torch.device(subspace_device) if subspace_device is not None else None
     modules = dict(peft_model.named_modules())
@@ -262,30 +252,19 @@ def lora_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save_clora_adapter(model: torch.nn.Module, output_dir: Union[str, Path], overwrite: bool = False) -> Path:
-    """Write a plain PEFT LoRA adapter (safetensors) plus ``clora_config.json`` to ``output_dir``.
+    """Write a plain PEFT LoRA adapter (safetensors) plus ``clora_config.json`` and a model card to ``output_dir``.
 
     The result loads with ``peft.PeftModel.from_pretrained`` and no clora_ds import. Every rank calls
-    this; rank 0 writes into a temporary sibling directory and renames it, so a crash never leaves a
+    this (under ZeRO-3 it gathers); rank 0 writes, through ``export_peft_adapter`` (the writer the checkpoint
+    converter uses too), into a temporary sibling directory that is then renamed, so a crash never leaves a
     half-written adapter.
     """
     peft_model = _unwrap(model)
-    output_dir = Path(output_dir)
     state = lora_state_dict(peft_model)
     if _rank() == 0:
-        if output_dir.exists() and not overwrite:
-            raise FileExistsError(f"{output_dir} exists; pass overwrite=True to replace it")
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-        try:
-            peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-            saved = tmp / peft_model.clora.adapter_name if peft_model.clora.adapter_name != "default" else tmp
-            peft_model.clora.config.save(saved)
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            os.replace(saved, output_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        base = peft_model.peft_config[peft_model.clora.adapter_name].base_model_name_or_path
+        export_peft_adapter(output_dir, state, peft_model.clora.config, TrainingRecord(base_model=base, source="a live model"),
+                            overwrite=overwrite)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    return output_dir
+    return Path(output_dir)

@@ -82,6 +82,14 @@ class CLoRAConfig:
             raise FileNotFoundError(f"No CLoRA settings at {path}; expected the {CLORA_CONFIG_NAME} written beside the adapter")
         return cls.from_dict(json.loads(path.read_text()))
 
+    def peft_lora_config(self, target_modules):
+        """The PEFT ``LoraConfig`` of these settings for the given module names: what ``attach_clora`` injects
+        and what every exported adapter's ``adapter_config.json`` holds (the update is (alpha / r)·B·A)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=sorted(target_modules),
+                          bias="none", task_type="CAUSAL_LM")
+
     @property
     def torch_p_dtype(self):
         import torch

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import time
@@ -29,14 +28,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .adapter import attach_clora, save_clora_adapter
+from .adapter import attach_clora
 from .arguments import DataArguments, ModelArguments, TrainArguments, arguments_dict
+from .checkpoint import CHECKPOINT_RE, COMPLETE_MARKER, STATE_FILE, TRAIN_CONFIG_FILE, convert_checkpoint, list_checkpoints
 from .config import CLoRAConfig
 from .data import GlobalBatches, load_records, loss_token_count, pack_examples, pad_batch, tokenize_records
 
-COMPLETE_MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUN_ARTIFACTS = ("metrics.jsonl", "train_config.json", "adapter", "loss_curve.png")
 
 
@@ -76,8 +73,8 @@ def _any_rank(flag: bool) -> bool:
     return t.item() > 0
 
 
-def rank0_first(fn):
-    """Run fn on rank 0, then (if it worked everywhere) on the others; an error on any rank stops all."""
+def on_rank0(fn):
+    """Run fn on rank 0 only (None elsewhere); an error there is raised on rank 0 and stops the others."""
     result, error = None, None
     if rank() == 0:
         try:
@@ -86,6 +83,12 @@ def rank0_first(fn):
             error = err
     if _any_rank(error is not None):
         raise error if error is not None else SiblingFailed()
+    return result
+
+
+def rank0_first(fn):
+    """Run fn on rank 0, then (if it worked everywhere) on the others; an error on any rank stops all."""
+    result = on_rank0(fn)
     if rank() != 0:
         result = fn()
     return result
@@ -185,18 +188,6 @@ def _walk(d, prefix=""):
 # ---------------------------------------------------------------------------------------------------
 # output directory and checkpoints
 # ---------------------------------------------------------------------------------------------------
-def list_checkpoints(output_dir: Path, complete_only: bool = True):
-    """[(step, path)] sorted by step."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for p in output_dir.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (not complete_only or (p / COMPLETE_MARKER).is_file()):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def check_output_dir(output_dir: Path, train: TrainArguments) -> Optional[Path]:
     """The checkpoint to resume from (or None); ConfigError if output_dir holds a run we may not touch."""
     if train.resume_from_checkpoint:
@@ -248,6 +239,8 @@ def save_training_checkpoint(engine, output_dir: Path, step: int, state: dict, s
     if rank() == 0:
         (ckpt / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         engine.module.clora.config.save(ckpt)
+        if (output_dir / TRAIN_CONFIG_FILE).is_file():  # a checkpoint describes itself (base model, data, dtype)
+            shutil.copyfile(output_dir / TRAIN_CONFIG_FILE, ckpt / TRAIN_CONFIG_FILE)
     barrier()
     _fault_point("kill_in_save", step)
     if rank() == 0:
@@ -502,8 +495,9 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
     bar.close()
     if eval_examples:
         _log_eval(engine, eval_examples, train, pad_id, total_steps, metrics)
-    save_training_checkpoint(engine, output_dir, total_steps, _state(total_steps, batches, data), train.save_total_limit)
-    adapter = save_clora_adapter(engine, output_dir / "adapter", overwrite=True)
+    final = save_training_checkpoint(engine, output_dir, total_steps, _state(total_steps, batches, data), train.save_total_limit)
+    adapter = output_dir / "adapter"  # what `clora-ds-convert OUT/checkpoint-STEP` writes: one code path
+    on_rank0(lambda: convert_checkpoint(final, adapter, overwrite=True, log=log))
     if metrics:
         metrics.close()
         plot_losses(output_dir / "metrics.jsonl", output_dir / "loss_curve.png")

@@ -91,6 +91,13 @@ def main(argv=None):
         if rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    # every rank leaves together: a rank that exits while gloo threads of the others are still live can
+    # abort at interpreter shutdown ("terminate called without an active exception")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
