@@ -65,3 +65,5 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs the real deepspeed launcher or trains for a while (CI runs these too)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slurm: runs jobs on a real two-node SLURM cluster built on this machine (root, "
+                                       "slurm-wlm and munge; skipped without them, installed by .ci/run)")
