@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -262,6 +263,29 @@ def _fault_point(name: str, step: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------------
+ARCH_SUFFIX_RE = re.compile(r"^(\d+\.\d+)[a-z]+(\+PTX)?$")
+
+
+def deepspeed_cuda_arch_list() -> Optional[str]:
+    """Make TORCH_CUDA_ARCH_LIST readable by DeepSpeed's JIT builder; returns a note when it was changed.
+
+    PyTorch accepts arch-specific targets such as "9.0a" (sm_90a), and CUDA images often set them, but
+    DeepSpeed's builder parses every entry as MAJOR.MINOR integers and fails on them ("invalid literal for
+    int() with base 10: '0a'") before FusedAdam / cpu_adam are built. Its ops use no arch-specific
+    instruction, so each "X.Ya" becomes "X.Y" for this process; the computation is unchanged.
+    """
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    entries = [e for e in value.replace(" ", ";").split(";") if e]
+    fixed = [ARCH_SUFFIX_RE.sub(r"\1\2", e) for e in entries]
+    if fixed == entries:
+        return None
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(dict.fromkeys(fixed))
+    return (f"TORCH_CUDA_ARCH_LIST={value!r} has arch-specific targets DeepSpeed cannot parse; its JIT-built ops use "
+            f"{os.environ['TORCH_CUDA_ARCH_LIST']!r}")
+
+
 def choose_attention(requested: str, packing: bool) -> str:
     """The attn_implementation to build the model with.
 
@@ -423,6 +447,9 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
                               f"DeepSpeed cannot re-partition ZeRO optimizer state to another world size. Resume with "
                               f"{saved_world} ranks, or export the adapter (OUT/adapter) and start a new run from it")
     attn = choose_attention(model_args.attn_implementation, data.packing)
+    arch_note = deepspeed_cuda_arch_list()
+    if arch_note:
+        log(arch_note)
     if resume is None and train.overwrite_output_dir:
         clear_output_dir(output_dir)
     if rank() == 0:

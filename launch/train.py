@@ -70,6 +70,16 @@ def init_distributed():
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def raised_by_clora_ds(err: BaseException) -> bool:
+    """Whether the innermost frame of err is clora_ds code (settings we validate) rather than a library's."""
+    import clora_ds
+
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(clora_ds.__file__).resolve().parent)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, train_args = parse(argv)
@@ -88,6 +98,8 @@ def main(argv=None):
     except SiblingFailed:
         sys.exit(2)
     except (ConfigError, DataError, ValueError, FileExistsError) as err:
+        if not isinstance(err, (ConfigError, DataError, FileExistsError)) and not raised_by_clora_ds(err):
+            raise  # a library's own ValueError (DeepSpeed, transformers): its traceback is the useful part
         if rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -225,3 +225,42 @@ def test_bad_input_is_one_clear_message(tiny_model_dir, tmp_path):
     msg = _bad_run(tiny_model_dir, taken)
     assert "holds another run (checkpoint-2)" in msg and "--overwrite_output_dir" in msg
     assert sorted(p.name for p in taken.rglob("*")) == before
+
+
+def test_arch_specific_cuda_targets_are_made_readable_for_deepspeed(monkeypatch):
+    """CUDA images set TORCH_CUDA_ARCH_LIST=9.0a (seen on a lent H100); DeepSpeed's real builder cannot parse it."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder  # the CUDA builder, importable without a GPU
+
+    from clora_ds.engine import deepspeed_cuda_arch_list
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a;8.0 10.0a+PTX;9.0")
+    with pytest.raises(ValueError, match="invalid literal"):
+        FusedAdamBuilder().compute_capability_args()
+    note = deepspeed_cuda_arch_list()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0;8.0;10.0+PTX"
+    assert "9.0a" in note and "'9.0;8.0;10.0+PTX'" in note
+    flags = FusedAdamBuilder().compute_capability_args()
+    assert "-gencode=arch=compute_90,code=sm_90" in flags and "-gencode=arch=compute_100,code=compute_100" in flags
+    assert deepspeed_cuda_arch_list() is None  # already readable: left alone
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert deepspeed_cuda_arch_list() is None
+
+
+def test_library_value_errors_keep_their_traceback(monkeypatch):
+    """Settings we validate are one `error:` line; a ValueError from inside DeepSpeed is re-raised whole."""
+    import importlib.util
+
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    from clora_ds.config import CLoRAConfig
+
+    spec = importlib.util.spec_from_file_location("train_entry", TRAIN)
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    with pytest.raises(ValueError) as ours:
+        CLoRAConfig(r=4, k=-1)
+    assert entry.raised_by_clora_ds(ours.value)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    with pytest.raises(ValueError) as theirs:
+        FusedAdamBuilder().compute_capability_args()
+    assert not entry.raised_by_clora_ds(theirs.value)
