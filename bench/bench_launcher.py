@@ -1,7 +1,7 @@
 """launch/train.py throughput: CLoRA vs plain LoRA (λ=0), and packing vs padding on skewed lengths.
 
     python bench/bench_launcher.py                       # CPU, one process, ~5 minutes on 2 cores
-    python bench/bench_launcher.py --hidden 4096 --layers 32 --intermediate 11008 --bf16   # on a GPU box
+    python bench/bench_launcher.py --llama2_7b --bf16 --rounds 1   # one GPU: LLaMA-2-7B shapes, vocab 32000
 
 Builds a LLaMA of the given size (random init) with a locally trained sentencepiece tokenizer, writes two
 alpaca-style datasets and runs the real launcher (`python launch/train.py`, ZeRO-2 config) on each variant
@@ -9,6 +9,9 @@ in the same session. Real (non-pad) tokens per second come from the launcher's o
 first logging window (warm-up) is dropped and the median of the others is reported.
   1. CLoRA (λ=1, k = hidden/8) vs λ=0 (no penalty tap, plain LoRA) on packed rows of --seq tokens.
   2. Packing vs padding on a length-skewed dataset (90% short answers, 10% long), same micro-batch.
+--variants picks a subset; --gradient_checkpointing applies to every variant (a 7B model needs it for the
+padded batches of 8 at seq 2048 on one 80 GB GPU). On CUDA the model is built on the GPU and saved in the
+training dtype, so a 7B checkpoint takes 13.5 GB on disk rather than 27.
 """
 import argparse
 import json
@@ -24,14 +27,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build(root: Path, args):
+def build(root: Path, model_dir: Path, args):
+    """Data under root; tokenizer and model in model_dir unless one is already there (--model_dir reuse)."""
+    import torch
+
     from clora_ds.tiny import build_tiny_llama, record_text, sample_records, train_tokenizer
 
-    tok = train_tokenizer([record_text(r) for r in sample_records(512)], root / "model", vocab_size=300)
-    model = build_tiny_llama(len(tok), hidden_size=args.hidden, intermediate_size=args.intermediate,
-                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                             num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
-    model.save_pretrained(str(root / "model"))
+    write_data(root, args)
+    if (model_dir / "config.json").is_file():
+        return
+    tok = train_tokenizer([record_text(r) for r in sample_records(512)], model_dir, vocab_size=300)
+    # the model's vocabulary may be larger than the tokenizer's (7B shapes: 32000); ids stay < len(tok)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = build_tiny_llama(max(args.vocab, len(tok)), hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                 num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                 num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(str(model_dir))
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_data(root: Path, args):
     rng = random.Random(0)
     words = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "pepper"]
 
@@ -48,13 +67,16 @@ def build(root: Path, args):
 def run(root: Path, name: str, args, **flags):
     out = root / name
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
-           "--model_name_or_path", str(root / "model"), "--output_dir", str(out), "--max_seq_length", str(args.seq),
+           "--model_name_or_path", str(args.model_path), "--output_dir", str(out), "--max_seq_length", str(args.seq),
            "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0", "--clora_k", str(args.hidden // 8),
            "--logging_steps", "2", "--save_steps", "0", "--learning_rate", "1e-4", "--max_steps", str(args.steps),
-           "--target_modules", "q_proj,k_proj,v_proj,up_proj,down_proj"] + (["--bf16"] if args.bf16 else [])
+           "--target_modules", "q_proj,k_proj,v_proj,up_proj,down_proj", "--attn_implementation", args.attn]
+    cmd += (["--bf16"] if args.bf16 else []) + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
     for k, v in flags.items():
         cmd += [f"--{k}", str(v)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "tokens_per_s" in l]
     return statistics.median(r["tokens_per_s"] for r in rows[1:]), rows[-1]["peak_mem_gb"]
 
@@ -74,38 +96,65 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=0, help="model vocabulary (default: the tokenizer's 300)")
+    ap.add_argument("--llama2_7b", action="store_true", help="hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000")
+    ap.add_argument("--attn", default="auto", help="--attn_implementation passed to the launcher")
+    ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--variants", default="lora,clora,pad,pack", help="comma-separated subset of lora,clora,pad,pack")
+    ap.add_argument("--pad_batch", type=int, default=8, help="examples per micro-batch when padding")
+    ap.add_argument("--pack_batch", type=int, default=4, help="packed rows per micro-batch")
+    ap.add_argument("--model_dir", help="build the model here, or reuse the one already here (default: a temp dir)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.llama2_7b:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 4096, 11008, 32, 32, 32, 32000
+    import torch
+
+    wanted = args.variants.split(",")
+    unknown = set(wanted) - {"lora", "clora", "pad", "pack"}
+    if unknown:
+        ap.error(f"--variants: unknown {sorted(unknown)}")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMPDIR")) as tmp:
         root = Path(tmp)
-        build(root, args)
-        print(f"# launch/train.py throughput (hidden {args.hidden}, {args.layers} layers, seq {args.seq}, r=32, "
-              f"k={args.hidden // 8}, one process, ZeRO-2 config, {args.steps} steps, median of logging windows after the first)\n")
+        args.model_path = Path(args.model_dir) if args.model_dir else root / "model"
+        build(root, args.model_path, args)
+        print(f"# launch/train.py throughput on {device}, torch {torch.__version__}: hidden {args.hidden}, "
+              f"intermediate {args.intermediate}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
+              f"vocab {max(args.vocab, 300)}, seq {args.seq}, {'bf16' if args.bf16 else 'fp32'}, r=32, k={args.hidden // 8}, "
+              f"attn {args.attn}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; one process, "
+              f"ZeRO-2 config, {args.steps} steps, median of logging windows after the first\n")
         variants = {  # name: (data, flags)
-            "lora": ("long", {"packing": "true", "clora_lambda": 0}),
-            "clora": ("long", {"packing": "true", "clora_lambda": 1}),
-            "pad": ("skewed", {"per_device_train_batch_size": 8}),
-            "pack": ("skewed", {"packing": "true", "per_device_train_batch_size": 4}),
+            "lora": ("long", {"packing": "true", "clora_lambda": 0, "per_device_train_batch_size": 1}),
+            "clora": ("long", {"packing": "true", "clora_lambda": 1, "per_device_train_batch_size": 1}),
+            "pad": ("skewed", {"per_device_train_batch_size": args.pad_batch}),
+            "pack": ("skewed", {"packing": "true", "per_device_train_batch_size": args.pack_batch}),
         }
+        variants = {name: v for name, v in variants.items() if name in wanted}
         # rounds interleave the variants, so a slow spell of the machine hits all of them alike
         got = {name: [] for name in variants}
         for r in range(args.rounds):
             for name, (data, flags) in variants.items():
                 got[name].append(run(root, f"{name}-{r}", args, train_file=root / f"{data}.jsonl", **flags))
+                print(f"  done {name} round {r}: {got[name][-1][0]:.0f} tokens/s", file=sys.stderr, flush=True)
         tok = {name: statistics.median(t for t, _ in runs) for name, runs in got.items()}
         mem = {name: max(m for _, m in runs) for name, runs in got.items()}
         print(f"rounds: {args.rounds} (each cell: median over rounds of each run's median); "
               f"loadavg at end {os.getloadavg()[0]:.2f}\n")
-        print("| variant | data | real tokens/s | per round | peak mem GB | ratio |\n|---|---|---:|---|---:|---:|")
+        print("| variant | data | attention | real tokens/s | per round | peak mem GB | ratio |\n|---|---|---|---:|---|---:|---:|")
 
         def row(name, label, data, ratio):
-            rounds = ", ".join(f"{t:.0f}" for t, _ in got[name])
-            print(f"| {label} | {data} | {tok[name]:.0f} | {rounds} | {mem[name]:.2f} | {ratio} |")
+            if name in got:
+                rounds = ", ".join(f"{t:.0f}" for t, _ in got[name])
+                print(f"| {label} | {data} | {attention_used(root / f'{name}-0')} | {tok[name]:.0f} | {rounds} | "
+                      f"{mem[name]:.2f} | {ratio} |")
 
-        row("lora", "λ=0 (plain LoRA)", "packed long rows", "1.000")
-        row("clora", "CLoRA λ=1", "packed long rows", f"step time {tok['lora'] / tok['clora']:.3f}× of LoRA")
-        row("pad", "padding, 8 examples/micro-batch", "skewed", "1.000")
-        row("pack", f"packing, 4 rows of <= {args.seq} tokens/micro-batch", "skewed", f"{tok['pack'] / tok['pad']:.2f}×")
-        print(f"\nattention with --packing: {attention_used(root / 'pack-0')}")
+        row("lora", "λ=0 (plain LoRA), 1 row/micro-batch", "packed long rows", "1.000")
+        row("clora", "CLoRA λ=1, 1 row/micro-batch", "packed long rows",
+            f"step time {tok['lora'] / tok['clora']:.3f}× of LoRA" if "lora" in tok and "clora" in tok else "")
+        row("pad", f"padding, {args.pad_batch} examples/micro-batch", "skewed", "1.000")
+        row("pack", f"packing, {args.pack_batch} rows of <= {args.seq} tokens/micro-batch", "skewed",
+            f"{tok['pack'] / tok['pad']:.2f}×" if "pad" in tok and "pack" in tok else "")
+
 
 if __name__ == "__main__":
     main()

@@ -55,7 +55,8 @@ def build_base(args, dtype):
         max_position_embeddings=max(args.seq, 2048),
     )
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    with torch.device(args.device):  # a 7B base initialised on the CPU first takes minutes per variant
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     return model
 
 

@@ -32,9 +32,11 @@ SHORT = 32
 class SegmentPlan:
     """Where the packed sequences of a [B, T] batch lie, grouped into stacks of similar length.
 
-    stacks[i] = (index [n, L], valid [n, L]): flat token positions (b·T + t) of n sequences padded to L by
-    repeating each one's last position; ``order`` is the inverse permutation that puts the stacks' valid
-    outputs back in row order.
+    stacks[i] = (index [n, L], keep [m]): flat token positions (b·T + t) of n sequences padded to L by
+    repeating each one's last position, and where the m real tokens lie in the stack's flattened [n·L]
+    output; ``order`` is the inverse permutation that puts the stacks' real outputs back in row order.
+    Everything is an index tensor built once per forward, so the layers themselves never wait on the GPU
+    (a boolean-mask select would synchronise once per stack and layer).
     """
 
     def __init__(self, stacks: List[Tuple[torch.Tensor, torch.Tensor]], order: torch.Tensor):
@@ -77,7 +79,8 @@ def plan_segments(position_ids: torch.Tensor) -> Optional[SegmentPlan]:
         lens = torch.tensor([lengths[i] for i in group])
         index = torch.tensor([starts[i] for i in group])[:, None] + torch.minimum(offs[None, :], lens[:, None] - 1)
         valid = offs[None, :] < lens[:, None]
-        stacks.append((index.to(position_ids.device), valid.to(position_ids.device)))
+        keep = valid.flatten().nonzero().flatten()
+        stacks.append((index.to(position_ids.device), keep.to(position_ids.device)))
         positions.append(index[valid])
     order = torch.argsort(torch.cat(positions)).to(position_ids.device)
     return SegmentPlan(stacks, order)
@@ -112,12 +115,12 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
 
     q, k, v = flat(query), flat(key), flat(value)
     outs = []
-    for index, valid in plan.stacks:
+    for index, keep in plan.stacks:
         # [n, L, H, D] -> [n, H, L, D]; one causal SDPA over the stack
         out, _ = sdpa_attention_forward(module, q[index].transpose(1, 2), k[index].transpose(1, 2),
                                         v[index].transpose(1, 2), None, dropout=dropout, scaling=scaling,
                                         is_causal=True)
-        outs.append(out[valid])  # out is [n, L, Hq, D]; keep the real tokens
+        outs.append(out.reshape(-1, heads, dim).index_select(0, keep))  # out [n, L, Hq, D] -> its real tokens
     out = torch.cat(outs).index_select(0, plan.order)
     return out.view(batch, length, heads, dim), None
 

@@ -79,11 +79,13 @@ def test_plan_covers_every_token_once_with_bounded_padding():
     lengths = sequence_lengths(pos)
     assert sum(lengths) == pos.numel()
     plan = plan_segments(pos)
-    seen = torch.cat([index[valid] for index, valid in plan.stacks])
+    seen = torch.cat([index.flatten()[keep] for index, keep in plan.stacks])
     assert sorted(seen.tolist()) == list(range(pos.numel()))
     assert torch.equal(seen[plan.order], torch.arange(pos.numel()))
-    for index, valid in plan.stacks:
-        lens = valid.sum(1)
+    for index, keep in plan.stacks:
+        valid = torch.zeros(index.numel(), dtype=torch.bool)
+        valid[keep] = True
+        lens = valid.view(index.shape).sum(1)
         padded, real = index.numel() * index.shape[1], int((lens ** 2).sum())
         assert lens.max() <= SHORT or padded <= PAD_SLACK * real + 1e-9, (index.shape, lens.tolist())
     assert len(plan.stacks) < len(lengths) / 3  # similar lengths share one kernel call
