@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .checkpoint import TrainingRecord, export_peft_adapter
 from .config import CLoRAConfig
 from .penalty import PenaltyAnchor, PenaltyScale, PenaltyTap, SubspacePenalty
-from .subspace import ModuleSubspace, build_module_subspaces, subspace_nbytes
+from .subspace import ModuleSubspace, build_module_subspaces, orthogonal_subspaces, subspace_nbytes
 
 PEFT_PREFIX = "base_model.model."
 
@@ -195,12 +195,14 @@ def attach_clora(
     config: CLoRAConfig,
     adapter_name: str = "default",
     subspace_device: Optional[Union[str, torch.device]] = None,
+    subspace_threads: Optional[int] = None,
 ):
     """Wrap ``model`` in a PEFT LoRA model (``peft.get_peft_model``) and attach the CLoRA regularizer.
 
     Returns the PeftModel; the regularizer is ``model.clora``. Call before ``deepspeed.initialize``.
     Under ZeRO-3 (model built in ``deepspeed.zero.Init``) every rank must call this, since the svd_*
-    inits gather each frozen W once. ``subspace_device`` is where the QR/SVD run (default CPU).
+    inits gather each frozen W once. ``subspace_device`` is where the QR/SVD run (default CPU);
+    ``subspace_threads`` draw the seeded Gaussians of orthogonal P (default: this rank's share of the cores).
     """
     from peft import get_peft_model
 
@@ -209,17 +211,19 @@ def attach_clora(
 
     device = torch.device(subspace_device) if subspace_device is not None else None
     modules = dict(peft_model.named_modules())
+    layers = {name: modules[PEFT_PREFIX + name] for name in sorted(targets)}
     subspaces = {}
-    for name in sorted(targets):
-        layer = modules[PEFT_PREFIX + name]
-        shape = (layer.out_features, layer.in_features)
-        if config.p_init == "orthogonal":
-            p_in, p_out = build_module_subspaces(name, shape, config, device=device)
-        else:
+    if config.p_init == "orthogonal":
+        shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+        for name, p_in, p_out in orthogonal_subspaces(shapes, config, device, subspace_threads):
+            subspaces[name] = ModuleSubspace(name, p_in, p_out)
+    else:
+        for name, layer in layers.items():
             weight = layer.get_base_layer().weight
             with _gathered([weight]):
-                p_in, p_out = build_module_subspaces(name, shape, config, weight=weight.data, device=device)
-        subspaces[name] = ModuleSubspace(name, p_in, p_out)
+                p_in, p_out = build_module_subspaces(name, (layer.out_features, layer.in_features), config,
+                                                     weight=weight.data, device=device)
+            subspaces[name] = ModuleSubspace(name, p_in, p_out)
 
     regularizer = CLoRARegularizer(config, subspaces, adapter_name)
     regularizer.register(peft_model)

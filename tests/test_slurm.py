@@ -240,7 +240,7 @@ def test_two_node_job_trains_across_both_nodes(cluster, two_node_run, tiny_model
     out, job = two_node_run
     log = job_log(out, job)
     assert "2 node(s) (clora-n[1-2]) x 1 rank(s) = world size 2; rendezvous 10.213.0.11:" in log
-    assert "rank 0 of 2 (local rank 0) on node clora-n1" in log and "rank 1 of 2 (local rank 0) on node clora-n2" in log
+    assert "rank 0 of 2 (local rank 0 of 1) on node clora-n1" in log and "rank 1 of 2 (local rank 0 of 1) on node clora-n2" in log
     assert "world size 2; ZeRO stage 2" in log  # the launcher's own view of the process group
     assert "network settings passed to every rank: GLOO_SOCKET_IFNAME=clora0" in log
     assert f"log: {out}/slurm-{job}.out" in (cluster["submit_dir"] / f"slurm-{job}.out").read_text()

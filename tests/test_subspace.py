@@ -104,3 +104,22 @@ def test_p_dtype_option(p_dtype):
     p_in, p_out = build_module_subspaces("m", (24, 32), CLoRAConfig(k=4, p_dtype=p_dtype))
     assert p_in.dtype == getattr(torch, p_dtype) and p_out.dtype == getattr(torch, p_dtype)
     assert _orth_err(p_in) < (5e-2 if p_dtype != "float64" else 1e-12)
+
+
+def test_threaded_build_draws_the_same_numbers():
+    """orthogonal_subspaces (Gaussians drawn by a thread pool, a bounded window ahead) == the one-module definition."""
+    from clora_ds.subspace import orthogonal_subspaces, seeded_gaussian
+
+    shapes = {f"model.layers.{i}.{m}": s for i in range(3) for m, s in (("self_attn.q_proj", (40, 40)),
+                                                                       ("self_attn.k_proj", (20, 40)), ("mlp.up_proj", (72, 40)))}
+    cfg = CLoRAConfig(k=6, seed=7, p_dtype="bfloat16")
+    serial = list(orthogonal_subspaces(shapes, cfg, threads=1))
+    threaded = list(orthogonal_subspaces(shapes, cfg, threads=3))
+    assert [n for n, _, _ in serial] == sorted(shapes) == [n for n, _, _ in threaded]
+    for (name, p_in, p_out), (_, q_in, q_out) in zip(serial, threaded):
+        assert torch.equal(p_in, q_in) and torch.equal(p_out, q_out)
+        one = build_module_subspaces(name, shapes[name], cfg)
+        assert torch.equal(one[0], p_in) and torch.equal(one[1], p_out) and p_in.dtype == torch.bfloat16
+        seed = subspace_seed(7, name, shapes[name], 6, "orthogonal", "out")
+        assert torch.equal(random_orthonormal(shapes[name][0], 6, seed).to(torch.bfloat16), p_out)
+    assert not torch.equal(seeded_gaussian(40, 6, 1), seeded_gaussian(40, 6, 2))
