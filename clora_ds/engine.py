@@ -286,6 +286,17 @@ def deepspeed_cuda_arch_list() -> Optional[str]:
             f"{os.environ['TORCH_CUDA_ARCH_LIST']!r}")
 
 
+def flash_attention_available():
+    """(True, "") when flash-attn can run here, else (False, the reason)."""
+    if not torch.cuda.is_available():
+        return False, "flash-attn needs a CUDA GPU and none is visible"
+    try:
+        import flash_attn  # noqa: F401  (the import is the check)
+    except ImportError as err:
+        return False, f"the flash-attn package does not import ({err}); pip install 'clora_ds[flash]'"
+    return True, ""
+
+
 def choose_attention(requested: str, packing: bool) -> str:
     """The attn_implementation to build the model with.
 
@@ -293,16 +304,13 @@ def choose_attention(requested: str, packing: bool) -> str:
     SDPA. SDPA with --packing runs per packed sequence (clora_ds.attention) instead of over a dense
     block-diagonal mask: same result, Σ len² work instead of T² per row.
     """
+    flash_ready, why_not = flash_attention_available()
     attn = requested
     if requested == "auto":
-        attn = "sdpa"
-        if torch.cuda.is_available():
-            try:
-                import flash_attn  # noqa: F401
-
-                attn = "flash_attention_2"
-            except ImportError:
-                pass
+        attn = "flash_attention_2" if flash_ready else "sdpa"
+    elif requested == "flash_attention_2" and not flash_ready:
+        raise ConfigError(f"--attn_implementation flash_attention_2: {why_not}. Use --attn_implementation sdpa (or auto, "
+                          "which picks flash_attention_2 only where it works)")
     if attn == "sdpa" and packing:
         from .attention import PACKED_SDPA
 

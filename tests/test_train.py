@@ -264,3 +264,15 @@ def test_library_value_errors_keep_their_traceback(monkeypatch):
     with pytest.raises(ValueError) as theirs:
         FusedAdamBuilder().compute_capability_args()
     assert not entry.raised_by_clora_ds(theirs.value)
+
+
+def test_flash_attention_asked_where_it_cannot_run_is_one_clear_error():
+    from clora_ds.engine import ConfigError, choose_attention, flash_attention_available
+
+    ready, why = flash_attention_available()
+    if ready:
+        pytest.skip("flash-attn runs here")
+    with pytest.raises(ConfigError, match="--attn_implementation flash_attention_2: .*Use --attn_implementation sdpa"):
+        choose_attention("flash_attention_2", packing=True)
+    assert why and choose_attention("auto", packing=False) == "sdpa"
+    assert choose_attention("auto", packing=True) == "clora_packed_sdpa" and choose_attention("eager", True) == "eager"
