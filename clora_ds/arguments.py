@@ -5,8 +5,9 @@ resolved values are saved beside every checkpoint.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainArguments:
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_file; default: at the end only)."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint-STEP path, or auto (newest complete checkpoint in output_dir)."})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb | csv (comma-separated for several): DeepSpeed's monitor."})
+    profile_steps: Optional[str] = field(default=None, metadata={"help": "Profile optimizer steps A-B (1-based, e.g. 6-7) with torch.profiler on rank 0: OUTPUT_DIR/profile/ gets a Chrome trace and the top ops by time."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
 
 
@@ -72,6 +74,15 @@ def arguments_dict(*groups) -> dict:
     for g in groups:
         out.update(asdict(g))
     return out
+
+
+def profile_window(spec: str) -> Optional[Tuple[int, int]]:
+    """"A-B" (or "A") -> (A, B), 1-based optimizer steps; None when it does not parse."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", spec or "")
+    if not m:
+        return None
+    first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+    return (first, last) if 1 <= first <= last else None
 
 
 def validate_arguments(model: ModelArguments, data: DataArguments, train: TrainArguments) -> None:
@@ -97,6 +108,8 @@ def validate_arguments(model: ModelArguments, data: DataArguments, train: TrainA
     bad_monitors = [m for m in train.report_to.split(",") if m.strip() not in ("none", "tensorboard", "wandb", "csv")]
     if bad_monitors:
         problems.append(f"--report_to {bad_monitors}: choose none, tensorboard, wandb or csv")
+    if train.profile_steps is not None and profile_window(train.profile_steps) is None:
+        problems.append(f"--profile_steps {train.profile_steps!r}: give A-B with 1 <= A <= B (e.g. 6-7)")
     if train.eval_steps is not None and not data.eval_file:
         problems.append("--eval_steps needs --eval_file")
     if problems:

@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 
 from .adapter import attach_clora
-from .arguments import DataArguments, ModelArguments, TrainArguments, arguments_dict
+from .arguments import DataArguments, ModelArguments, TrainArguments, arguments_dict, profile_window
 from .checkpoint import CHECKPOINT_RE, COMPLETE_MARKER, STATE_FILE, TRAIN_CONFIG_FILE, convert_checkpoint, list_checkpoints
 from .config import CLoRAConfig
 from .data import GlobalBatches, load_records, loss_token_count, pack_examples, pad_batch, tokenize_records
 
-RUN_ARTIFACTS = ("metrics.jsonl", "train_config.json", "adapter", "loss_curve.png")
+RUN_ARTIFACTS = ("metrics.jsonl", "train_config.json", "adapter", "loss_curve.png", "profile")
 
 
 class ConfigError(ValueError):
@@ -493,7 +493,9 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
     bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=rank() != 0, dynamic_ncols=True)
     scale = world * train.gradient_accumulation_steps
     window_tokens, window_start = 0, time.time()
+    profiler = StepProfiler(train.profile_steps, output_dir)
     for step in range(start_step, total_steps):
+        profiler.before(step)
         n_loss_tokens = batches.label_tokens(step)
         step_lr = engine.get_lr()[0]  # the lr this step uses (the scheduler advances inside engine.step)
         step_task = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -506,6 +508,7 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
             step_task += out.loss.detach().double()
         if dist.is_initialized():
             dist.all_reduce(step_task)
+        profiler.after(step)
         window_tokens += batches.real_tokens(step)
         done = step + 1
         if done % train.logging_steps == 0 or done == total_steps:
@@ -539,6 +542,42 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
     log(f"done: adapter in {adapter}, metrics in {output_dir / 'metrics.jsonl'}")
     engine.destroy()
     return adapter
+
+
+class StepProfiler:
+    """torch.profiler over optimizer steps [first, last] (1-based) on rank 0; other ranks and steps pay nothing.
+
+    Writes OUTPUT_DIR/profile/trace.json (chrome://tracing, Perfetto) and top_ops.txt (ops by self time on the
+    GPU, or the CPU without one), and logs where they are.
+    """
+
+    def __init__(self, spec: Optional[str], output_dir: Path):
+        window = profile_window(spec) if spec else None
+        self.first, self.last = window if window and rank() == 0 else (0, -1)
+        self.dir = output_dir / "profile"
+        self.prof = None
+
+    def before(self, step: int) -> None:
+        if step + 1 == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.prof is None or step + 1 != self.last:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.dir / "trace.json"))
+        key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60)
+        (self.dir / "top_ops.txt").write_text(f"steps {self.first}-{self.last}, sorted by {key}\n{table}\n")
+        self.prof = None
+        log(f"profiled steps {self.first}-{self.last}: {self.dir / 'trace.json'}, {self.dir / 'top_ops.txt'}")
 
 
 def _state(step: int, batches: GlobalBatches, data: DataArguments) -> dict:

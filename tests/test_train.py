@@ -276,3 +276,18 @@ def test_flash_attention_asked_where_it_cannot_run_is_one_clear_error():
         choose_attention("flash_attention_2", packing=True)
     assert why and choose_attention("auto", packing=False) == "sdpa"
     assert choose_attention("auto", packing=True) == "clora_packed_sdpa" and choose_attention("eager", True) == "eager"
+
+
+@pytest.mark.slow
+def test_profile_steps_write_a_trace_and_top_ops(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(tiny_model_dir, out, ranks=1, max_steps=3, profile_steps="2-3")
+    assert f"profiled steps 2-3: {out / 'profile' / 'trace.json'}" in proc.stdout
+    trace = json.loads((out / "profile" / "trace.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names) and any("SubspacePenalty" in n or "PenaltyTap" in n for n in names)
+    top = (out / "profile" / "top_ops.txt").read_text()
+    assert top.startswith("steps 2-3, sorted by self_cpu_time_total") and "aten::" in top
+    assert len(losses(out)) == 3
+    bad = launch(tiny_model_dir, tmp_path / "bad", ranks=1, check=False, profile_steps="3-2")
+    assert bad.returncode == 2 and "--profile_steps '3-2': give A-B with 1 <= A <= B" in bad.stderr
