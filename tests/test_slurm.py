@@ -186,8 +186,13 @@ def wait_job(cluster, job, tasks=1, timeout=420):
 
 
 def cluster_logs(cluster):
-    return "".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]) + "\n"
+    return "".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]) + "\n"
                    for p in sorted((cluster["state"] / "log").glob("*.log")))
+
+
+def _attempts_text(out):
+    path = Path(out) / "slurm_attempts.jsonl"
+    return path.read_text() if path.is_file() else ""
 
 
 def job_log(out, job):
@@ -197,7 +202,10 @@ def job_log(out, job):
 
 def assert_completed(cluster, job, out, tasks=1):
     for rec in wait_job(cluster, job, tasks):
-        assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (rec, job_log(out, rec["JobId"])[-6000:])
+        state = {k: rec.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts", "RunTime", "BatchHost", "NodeList")}
+        assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), (
+            f"{state}\n--- job log\n{job_log(out, rec['JobId'])[-6000:]}\n--- submit-dir log\n"
+            f"{job_log(cluster['submit_dir'], rec['JobId'])[-2000:]}\n--- cluster logs\n{cluster_logs(cluster)}")
 
 
 def job_args(model_dir, out, **over):
@@ -268,9 +276,14 @@ def test_requeued_job_resumes_and_ends_with_the_uninterrupted_adapter(cluster, t
     wait_for(lambda: (out / "checkpoint-3" / "COMPLETE").is_file(), 300, "the first checkpoint",
              lambda: job_log(out, job)[-4000:] + cluster_logs(cluster))
     requeue = scontrol(cluster, "requeue", job)
+    requeued_at = time.time()
     assert requeue.returncode == 0, requeue.stderr
-    # SLURM holds a requeued job for ~2 minutes before it may start again; let it start now
+    # SLURM holds a requeued job for ~2 minutes before it may start again; let it start sooner, but only once the
+    # first attempt has ended and a later second has begun: slurmd revokes the killed attempt's credential, and a
+    # relaunch whose credential carries the same second is refused ("Job credential revoked"; seen in CI)
     wait_for(lambda: job_records(cluster, job)[0].get("JobState") == "PENDING", 120, "the requeued job to be pending")
+    wait_for(lambda: '"state": "stopped"' in _attempts_text(out), 60, "the first attempt to end")
+    time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
     assert scontrol(cluster, "update", f"JobId={job}", "StartTime=now").returncode == 0
     assert_completed(cluster, job, out)
 
