@@ -1,5 +1,5 @@
 """clora_ds: CLoRA adapters (LoRA + a fixed-subspace regularizer) trained with DeepSpeed."""
-from .config import CLoRAConfig
+from .config import CLoRAConfig, CLoRAConfigError
 from .penalty import GroupedSubspacePenalty, SubspacePenalty, grouped_subspace_penalty, subspace_penalty
 from .subspace import build_module_subspaces, random_orthonormal, subspace_seed, svd_subspaces
 
@@ -17,6 +17,7 @@ def __getattr__(name):
 
 __all__ = [
     "CLoRAConfig",
+    "CLoRAConfigError",
     "SubspacePenalty",
     "GroupedSubspacePenalty",
     "subspace_penalty",

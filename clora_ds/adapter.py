@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import TrainingRecord, export_peft_adapter
-from .config import CLoRAConfig
+from .config import CLoRAConfig, CLoRAConfigError
 from .penalty import PenaltyAnchor, PenaltyScale, PenaltyTap, SubspacePenalty
 from .subspace import ModuleSubspace, build_module_subspaces, orthogonal_subspaces, subspace_nbytes
 
@@ -91,7 +91,7 @@ def resolve_target_modules(model: torch.nn.Module, config: CLoRAConfig) -> Dict[
             f"Use k <= {smallest}, or leave those modules out of target_modules"
         )
     if problems:
-        raise ValueError("Cannot attach CLoRA:\n  - " + "\n  - ".join(problems))
+        raise CLoRAConfigError("Cannot attach CLoRA:\n  - " + "\n  - ".join(problems))
     return selected
 
 

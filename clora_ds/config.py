@@ -16,6 +16,10 @@ P_DTYPES = ("float32", "bfloat16", "float16", "float64")
 CLORA_CONFIG_NAME = "clora_config.json"
 
 
+class CLoRAConfigError(ValueError):
+    """CLoRA settings that cannot work (for this model); the message lists every problem."""
+
+
 @dataclass
 class CLoRAConfig:
     """LoRA settings plus the CLoRA subspace regularizer settings."""
@@ -55,7 +59,7 @@ class CLoRAConfig:
         if not self.target_modules:
             problems.append("target_modules is empty; name module suffixes such as q_proj,v_proj or use 'all-linear'")
         if problems:
-            raise ValueError("Invalid CLoRA config:\n  - " + "\n  - ".join(problems))
+            raise CLoRAConfigError("Invalid CLoRA config:\n  - " + "\n  - ".join(problems))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,7 +69,7 @@ class CLoRAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown CLoRA config keys {unknown}; known keys are {sorted(known)}")
+            raise CLoRAConfigError(f"Unknown CLoRA config keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
     def save(self, directory: Union[str, Path]) -> Path:

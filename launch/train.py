@@ -70,14 +70,14 @@ def init_distributed():
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def raised_by_clora_ds(err: BaseException) -> bool:
-    """Whether the innermost frame of err is clora_ds code (settings we validate) rather than a library's."""
-    import clora_ds
+def user_errors() -> tuple:
+    """What a user's input or settings cause: reported as one `error:` line on rank 0, exit status 2."""
+    from clora_ds.checkpoint import CheckpointError
+    from clora_ds.config import CLoRAConfigError
+    from clora_ds.data import DataError
+    from clora_ds.engine import ConfigError
 
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(clora_ds.__file__).resolve().parent)
+    return ConfigError, DataError, CheckpointError, CLoRAConfigError, FileExistsError
 
 
 def main(argv=None):
@@ -90,16 +90,13 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     init_distributed()
-    from clora_ds.data import DataError
-    from clora_ds.engine import ConfigError, SiblingFailed, rank, train
+    from clora_ds.engine import SiblingFailed, rank, train
 
     try:
         train(model_args, data_args, train_args)
     except SiblingFailed:
         sys.exit(2)
-    except (ConfigError, DataError, ValueError, FileExistsError) as err:
-        if not isinstance(err, (ConfigError, DataError, FileExistsError)) and not raised_by_clora_ds(err):
-            raise  # a library's own ValueError (DeepSpeed, transformers): its traceback is the useful part
+    except user_errors() as err:  # anything else (a library's ValueError too) keeps its traceback
         if rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
