@@ -563,14 +563,14 @@ class StepProfiler:
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=activities)
-            self.prof.__enter__()
+            self.prof.start()
 
     def after(self, step: int) -> None:
         if self.prof is None or step + 1 != self.last:
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.prof.__exit__(None, None, None)
+        self.prof.stop()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prof.export_chrome_trace(str(self.dir / "trace.json"))
         key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"

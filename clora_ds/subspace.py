@@ -63,7 +63,8 @@ def orthogonal_subspaces(shapes: Dict[str, Tuple[int, int]], config: CLoRAConfig
     CPU threads, each with its own generator, at most 2·threads ahead of the QRs, which run here in order.
     """
     threads = threads or default_subspace_threads()
-    jobs = [(name, side, dim) for name in sorted(shapes) for side, dim in (("in", shapes[name][1]), ("out", shapes[name][0]))]
+    names = sorted(shapes)
+    jobs = [(name, side, dim) for name in names for side, dim in (("in", shapes[name][1]), ("out", shapes[name][0]))]
     k, dtype = config.k, config.torch_p_dtype
 
     def draw(job):
@@ -73,16 +74,17 @@ def orthogonal_subspaces(shapes: Dict[str, Tuple[int, int]], config: CLoRAConfig
     with ThreadPoolExecutor(max_workers=threads) as pool:
         ahead = deque(pool.submit(draw, job) for job in jobs[: 2 * threads])
         pending = iter(jobs[2 * threads:])
-        done = []
-        for name, _, _ in jobs:
+
+        def next_p() -> torch.Tensor:  # the next Gaussian in job order, orthonormalized; one more draw queued
             gauss = ahead.popleft().result()
-            nxt = next(pending, None)
-            if nxt is not None:
-                ahead.append(pool.submit(draw, nxt))
-            done.append(orthonormalize(gauss, device).to(dtype))
-            if len(done) == 2:
-                yield name, done[0], done[1]
-                done = []
+            job = next(pending, None)
+            if job is not None:
+                ahead.append(pool.submit(draw, job))
+            return orthonormalize(gauss, device).to(dtype)
+
+        for name in names:
+            p_in = next_p()
+            yield name, p_in, next_p()
 
 
 def _fix_column_signs(basis: torch.Tensor) -> torch.Tensor:
