@@ -87,6 +87,13 @@ def profile_window(spec: str) -> Optional[Tuple[int, int]]:
 
 def validate_arguments(model: ModelArguments, data: DataArguments, train: TrainArguments) -> None:
     """Every problem in one ValueError (litgpt's validate_args habit)."""
+    problems = argument_problems(model, data, train)
+    if problems:
+        raise ValueError("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+
+def argument_problems(model: ModelArguments, data: DataArguments, train: TrainArguments) -> List[str]:
+    """Each problem with the arguments, one message each (empty: they are valid)."""
     problems: List[str] = []
     if model.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
         problems.append(f"--attn_implementation {model.attn_implementation!r}: choose auto, flash_attention_2, sdpa or eager")
@@ -112,5 +119,4 @@ def validate_arguments(model: ModelArguments, data: DataArguments, train: TrainA
         problems.append(f"--profile_steps {train.profile_steps!r}: give A-B with 1 <= A <= B (e.g. 6-7)")
     if train.eval_steps is not None and not data.eval_file:
         problems.append("--eval_steps needs --eval_file")
-    if problems:
-        raise ValueError("invalid arguments:\n  - " + "\n  - ".join(problems))
+    return problems

@@ -318,6 +318,18 @@ def choose_attention(requested: str, packing: bool) -> str:
     return attn
 
 
+def read_deepspeed_config(path: Optional[str]) -> dict:
+    """The --deepspeed JSON file as written (before "auto" is filled); ConfigError when missing or malformed."""
+    if not path:
+        raise ConfigError("--deepspeed CONFIG is required (ds_configs/zero2.json, zero3.json or zero3_offload.json)")
+    if not Path(path).is_file():
+        raise ConfigError(f"--deepspeed {path}: no such file")
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--deepspeed {path}:{err.lineno}: malformed JSON ({err.msg})") from None
+
+
 def check_model_path(name_or_path: str) -> None:
     p = Path(name_or_path)
     looks_local = p.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") != 1
@@ -421,15 +433,7 @@ def train(model_args: ModelArguments, data: DataArguments, train: TrainArguments
     output_dir = Path(train.output_dir)
     resume = check_output_dir(output_dir, train)
     check_model_path(model_args.model_name_or_path)
-    if not train.deepspeed:
-        raise ConfigError("--deepspeed CONFIG is required (ds_configs/zero2.json, zero3.json or zero3_offload.json)")
-    ds_path = Path(train.deepspeed)
-    if not ds_path.is_file():
-        raise ConfigError(f"--deepspeed {ds_path}: no such file")
-    try:
-        raw_ds = json.loads(ds_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--deepspeed {ds_path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    raw_ds = read_deepspeed_config(train.deepspeed)
 
     hf_config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .arguments import DataArguments, ModelArguments, TrainArguments, validate_arguments
+from .arguments import DataArguments, ModelArguments, TrainArguments, argument_problems
 from .checkpoint import STATE_FILE, list_checkpoints
-from .engine import ConfigError, check_model_path, check_output_dir
+from .engine import ConfigError, check_model_path, check_output_dir, read_deepspeed_config
 from .sweep import BASELINE_RUN
 
 
@@ -92,19 +92,12 @@ def job_flags(train: TrainArguments, shape: JobShape, sweep_k: Optional[Sequence
 
 def check_job(model: ModelArguments, data: DataArguments, train: TrainArguments, shape: JobShape) -> Optional[Path]:
     """The checkpoint the job will resume from (or None); ConfigError listing every reason it cannot start."""
-    problems: List[str] = []
-    try:
-        validate_arguments(model, data, train)
-    except ValueError as err:
-        problems += [line.strip()[2:] for line in str(err).splitlines()[1:]]
-    if not train.deepspeed:
-        problems.append("--deepspeed CONFIG is required (ds_configs/zero2.json, zero3.json or zero3_offload.json)")
-    elif not Path(train.deepspeed).is_file():
-        problems.append(f"--deepspeed {train.deepspeed}: no such file")
-    try:
-        check_model_path(model.model_name_or_path)
-    except ConfigError as err:
-        problems.append(str(err))
+    problems = argument_problems(model, data, train)
+    for check, arg in ((read_deepspeed_config, train.deepspeed), (check_model_path, model.model_name_or_path)):
+        try:
+            check(arg)
+        except ConfigError as err:
+            problems.append(str(err))
     problems += _shape_problems(shape)
     resume = None
     try:
