@@ -329,19 +329,27 @@ def _read_json(path: Path) -> Optional[dict]:
         raise CheckpointError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
 
 
+def read_metrics(path: Path) -> Dict[Tuple[int, str], dict]:
+    """{(step, "train" | "eval"): row} of a metrics.jsonl. A resumed run re-logs steps: the last line of a step and
+    kind wins. Lines cut short by a crash are skipped."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows[(row["step"], "eval" if "eval_loss" in row else "train")] = row
+    return rows
+
+
 def _last_loss(metrics: Path, step: Optional[int]) -> Optional[float]:
-    """The task loss logged at ``step`` (or the last one before it); a resumed run re-logs steps: the last line wins."""
-    if not metrics.is_file() or step is None:
+    """The task loss logged at ``step`` (or the last one before it)."""
+    if step is None:
         return None
-    by_step = {}
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if "task_loss" in row and row.get("step", step + 1) <= step:
-            by_step[row["step"]] = row["task_loss"]
-    return by_step[max(by_step)] if by_step else None
+    losses = {s: row["task_loss"] for (s, _), row in read_metrics(metrics).items() if "task_loss" in row and s <= step}
+    return losses[max(losses)] if losses else None
 
 
 def read_training_record(layout: CheckpointLayout) -> TrainingRecord:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
-from .checkpoint import METRICS_FILE, TRAIN_CONFIG_FILE
+from .checkpoint import METRICS_FILE, TRAIN_CONFIG_FILE, read_metrics
 
 ATTEMPTS_FILE = "slurm_attempts.jsonl"  # one JSON line per job attempt, appended by launch/slurm/train.sbatch
 BASELINE_RUN = "lora"                   # the λ = 0 run of a sweep (clora_ds.slurm.sweep_runs names it)
@@ -43,7 +43,7 @@ def collect_sweep(root: Union[str, Path]) -> Tuple[List[SweepRun], List[Tuple[st
     finished, pending = [], []
     for run_dir in sorted(p for p in root.iterdir() if (p / TRAIN_CONFIG_FILE).is_file()):
         adapter = next((run_dir / d for d in ADAPTER_DIRS if (run_dir / d / "adapter_config.json").is_file()), None)
-        rows = _metrics(run_dir)
+        rows = read_metrics(run_dir / METRICS_FILE)
         train_rows = [r for r in rows.values() if "task_loss" in r]
         if adapter is None or not train_rows:
             pending.append((run_dir.name, "no final adapter yet (running, queued, stopped or failed: see its slurm-*.out)"))
@@ -57,20 +57,6 @@ def collect_sweep(root: Union[str, Path]) -> Tuple[List[SweepRun], List[Tuple[st
             eval_loss=max(evals, key=lambda r: r["step"])["eval_loss"] if evals else None))
     finished.sort(key=lambda r: (r.lam == 0, r.k, r.name))
     return finished, pending
-
-
-def _metrics(run_dir: Path) -> dict:
-    """{(step, kind): row}, the last line of each step and kind winning."""
-    path = run_dir / METRICS_FILE
-    rows = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # blank, or cut short when the job was killed
-            rows[(row["step"], "eval" if "eval_loss" in row else "train")] = row
-    return rows
 
 
 def _wall_seconds(run_dir: Path) -> Optional[float]:
