@@ -24,7 +24,7 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6",
     ],
-    entry_points={"console_scripts": ["clora-ds-convert=clora_ds.convert:main"]},  # = python launch/convert_to_peft.py
+    entry_points={"console_scripts": ["clora-ds-convert=clora_ds.export.convert:main"]},  # = python launch/convert_to_peft.py
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "qlora": ["bitsandbytes>=0.44"],

@@ -92,7 +92,7 @@ def baseline(default_dir: Path, dest: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
 
-    from clora_ds.checkpoint import peft_file_key
+    from clora_ds.export import peft_file_key
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(default_dir))
     lora = {peft_file_key(k): v.contiguous() for k, v in state.items() if ".lora_" in k}

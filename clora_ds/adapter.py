@@ -22,8 +22,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .checkpoint import TrainingRecord, export_peft_adapter
-from .config import CLoRAConfig, CLoRAConfigError
+from .config import CLoRAConfig
+from .errors import CLoRAConfigError
+from .export.peft_writer import TrainingRecord, export_peft_adapter
 from .penalty import PenaltyAnchor, PenaltyScale, PenaltyTap, SubspacePenalty
 from .subspace import ModuleSubspace, build_module_subspaces, orthogonal_subspaces, subspace_nbytes
 
@@ -64,7 +65,15 @@ def _matches(name: str, target: str) -> bool:
 
 
 def resolve_target_modules(model: torch.nn.Module, config: CLoRAConfig) -> Dict[str, Tuple[int, int]]:
-    """The modules CLoRA will adapt, name -> (out, in); one ValueError listing every problem."""
+    """The modules CLoRA will adapt, name -> (out, in); one CLoRAConfigError listing every problem."""
+    selected, problems = target_modules_and_problems(model, config)
+    if problems:
+        raise CLoRAConfigError("Cannot attach CLoRA:\n  - " + "\n  - ".join(problems))
+    return selected
+
+
+def target_modules_and_problems(model: torch.nn.Module, config: CLoRAConfig) -> Tuple[Dict[str, Tuple[int, int]], List[str]]:
+    """(name -> (out, in) of the modules CLoRA would adapt, problems); works on a meta-device model too."""
     linears = _linear_shapes(model)
     output_layer = getattr(model, "get_output_embeddings", lambda: None)()
     output_names = {n for n, m in model.named_modules() if m is output_layer}
@@ -90,9 +99,7 @@ def resolve_target_modules(model: torch.nn.Module, config: CLoRAConfig) -> Dict[
             f"k={config.k} is larger than the in or out dimension of {len(too_small)} targeted module(s): {shown}. "
             f"Use k <= {smallest}, or leave those modules out of target_modules"
         )
-    if problems:
-        raise CLoRAConfigError("Cannot attach CLoRA:\n  - " + "\n  - ".join(problems))
-    return selected
+    return selected, problems
 
 
 class CLoRARegularizer:

@@ -1,13 +1,24 @@
 """Training settings: typed dataclasses with help text, the single source of truth for launch/train.py.
 
-HF-style names. Flags and a YAML/JSON config file both feed these (launch/train.py parses them); the
-resolved values are saved beside every checkpoint.
+HF-style names. Flags and a YAML/JSON config file both feed these (``parse_train_arguments``); the resolved values
+are saved beside every checkpoint. The LoRA / CLoRA flags are generated from ``CLoRAConfig``'s fields (flag names
+in their metadata; same defaults and help text), so the launcher and the library cannot drift apart.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Tuple
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from .config import CLoRAConfig
+from .ds_config import HF_SCHEDULERS, MONITORS
+from .errors import ConfigError
+
+ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
+DATASET_FORMATS = ("auto", "alpaca", "commonsense", "metamath", "messages")
 
 
 @dataclass
@@ -25,48 +36,49 @@ class DataArguments:
     max_seq_length: int = field(default=1024, metadata={"help": "Examples are truncated to this many tokens; those left without a response token are dropped."})
     packing: bool = field(default=False, metadata={"help": "Padding-free packing: several examples per row, position_ids restart, no cross-attention."})
     train_on_prompt: bool = field(default=False, metadata={"help": "Also put the loss on prompt tokens (default: response tokens only)."})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where tokenized data is cached (default OUTPUT_DIR/.cache)."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where tokenized data is cached (default: the datasets cache, HF_DATASETS_CACHE/clora_ds; never inside output_dir)."})
+
+
+# The CLoRA group: one flag per CLoRAConfig field, named by its metadata. P's seed is --seed (TrainArguments).
+# CLoRAConfig's annotations are strings (postponed evaluation); target_modules ("a,b" or all-linear) is a str here.
+_CLI_TYPES = {"int": int, "float": float, "str": str}
+CLoRAArguments = dataclasses.make_dataclass("CLoRAArguments", [
+    (f.metadata["flag"], _CLI_TYPES.get(f.type, str), field(default=f.default, metadata={"help": f.metadata["help"]}))
+    for f in dataclasses.fields(CLoRAConfig) if f.name != "seed"])
+CLoRAArguments.__doc__ = "LoRA and CLoRA settings (generated from CLoRAConfig: same defaults and help)."
 
 
 @dataclass
 class TrainArguments:
     output_dir: str = field(metadata={"help": "Checkpoints (checkpoint-STEP/), metrics.jsonl, loss_curve.png and the final adapter/ go here."})
     deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a previous run in output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a previous run in output_dir (removed only once every input has been checked and the new run is about to write)."})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Micro-batch per device (rows when packing)."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Evaluation batch per device."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (> 0)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs, used when max_steps is not set."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps (>= 0, at most the run's steps)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "linear | cosine | constant (after warmup)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (>= 0)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
-    seed: int = field(default=42, metadata={"help": "Seed for LoRA init, data order and dropout."})
+    seed: int = field(default=42, metadata={"help": "Seed for LoRA init, data order, dropout and the CLoRA subspaces P."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision."})
-    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision with dynamic loss scaling."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of decoder layers."})
+    fp16: bool = field(default=False, metadata={"help": "float16 mixed precision with dynamic loss scaling (GPU only)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of decoder layers: recompute each layer's forward in backward instead of keeping its activations."})
     gradient_checkpointing_reentrant: bool = field(default=False, metadata={"help": "Use reentrant checkpointing (default non-reentrant)."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (usually 2*r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch input."})
-    target_modules: str = field(default="q_proj,k_proj,v_proj,up_proj,down_proj", metadata={"help": "Comma-separated module suffixes, or all-linear."})
-    clora_k: int = field(default=128, metadata={"help": "CLoRA subspace dimension k (<= in and out of every adapted module)."})
-    clora_lambda: float = field(default=1.0, metadata={"help": "Regularizer weight λ; 0 gives the plain LoRA baseline."})
-    clora_p_init: str = field(default="orthogonal", metadata={"help": "orthogonal | svd_major | svd_minor."})
-    clora_p_dtype: str = field(default="float32", metadata={"help": "Storage dtype of P: float32 | bfloat16 | float16."})
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N complete checkpoints (older complete ones are deleted)."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps (metrics.jsonl, progress bar, monitors)."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_file; default: at the end only)."})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint-STEP path, or auto (newest complete checkpoint in output_dir)."})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint-STEP path, or auto (the newest complete checkpoint in output_dir; starts fresh, and says so, when there is none). The checkpoint must have been trained with the same settings."})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb | csv (comma-separated for several): DeepSpeed's monitor."})
     profile_steps: Optional[str] = field(default=None, metadata={"help": "Profile optimizer steps A-B (1-based, e.g. 6-7) with torch.profiler on rank 0: OUTPUT_DIR/profile/ gets a Chrome trace and the top ops by time."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, CLoRAArguments, TrainArguments)
 
 
 def arguments_dict(*groups) -> dict:
@@ -74,6 +86,12 @@ def arguments_dict(*groups) -> dict:
     for g in groups:
         out.update(asdict(g))
     return out
+
+
+def clora_config(clora_args, train: TrainArguments) -> CLoRAConfig:
+    """The CLoRAConfig the flags describe (P's seed is --seed)."""
+    values = {f.name: getattr(clora_args, f.metadata["flag"]) for f in dataclasses.fields(CLoRAConfig) if f.name != "seed"}
+    return CLoRAConfig(seed=train.seed, **values)
 
 
 def profile_window(spec: str) -> Optional[Tuple[int, int]]:
@@ -85,38 +103,131 @@ def profile_window(spec: str) -> Optional[Tuple[int, int]]:
     return (first, last) if 1 <= first <= last else None
 
 
-def validate_arguments(model: ModelArguments, data: DataArguments, train: TrainArguments) -> None:
-    """Every problem in one ValueError (litgpt's validate_args habit)."""
-    problems = argument_problems(model, data, train)
-    if problems:
-        raise ValueError("invalid arguments:\n  - " + "\n  - ".join(problems))
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def argument_problems(model: ModelArguments, data: DataArguments, train: TrainArguments) -> List[str]:
-    """Each problem with the arguments, one message each (empty: they are valid)."""
+def argument_problems(model: ModelArguments, data: DataArguments, clora_args, train: TrainArguments) -> List[str]:
+    """Each problem with the arguments, one message each (empty: they are valid). Pure: reads no file."""
     problems: List[str] = []
-    if model.attn_implementation not in ("auto", "flash_attention_2", "sdpa", "eager"):
-        problems.append(f"--attn_implementation {model.attn_implementation!r}: choose auto, flash_attention_2, sdpa or eager")
-    if data.dataset_format not in ("auto", "alpaca", "commonsense", "metamath", "messages"):
-        problems.append(f"--dataset_format {data.dataset_format!r}: choose auto, alpaca, commonsense, metamath or messages")
+    if model.attn_implementation not in ATTENTION_CHOICES:
+        problems.append(f"--attn_implementation {model.attn_implementation!r}: choose {', '.join(ATTENTION_CHOICES)}")
+    if data.dataset_format not in DATASET_FORMATS:
+        problems.append(f"--dataset_format {data.dataset_format!r}: choose {', '.join(DATASET_FORMATS)}")
     if data.max_seq_length < 8:
-        problems.append(f"--max_seq_length {data.max_seq_length} is too small")
+        problems.append(f"--max_seq_length {data.max_seq_length} is too small (at least 8)")
+    values = {f.name: getattr(clora_args, f.metadata["flag"]) for f in dataclasses.fields(CLoRAConfig) if f.name != "seed"}
+    flag = {f.name: f.metadata["flag"] for f in dataclasses.fields(CLoRAConfig)}
+    problems += [f"--{flag[name]} {text}" for name, text in CLoRAConfig.problems({**values, "seed": train.seed})]
     if train.bf16 and train.fp16:
         problems.append("--bf16 and --fp16 are both set; choose one")
-    if train.lr_scheduler_type not in ("linear", "cosine", "constant"):
-        problems.append(f"--lr_scheduler_type {train.lr_scheduler_type!r}: choose linear, cosine or constant")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+    if train.lr_scheduler_type not in HF_SCHEDULERS:
+        problems.append(f"--lr_scheduler_type {train.lr_scheduler_type!r}: choose {', '.join(HF_SCHEDULERS)}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(train, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    if train.max_steps <= 0 and train.num_train_epochs <= 0:
+            problems.append(f"--{name} must be >= 1, got {getattr(train, name)}")
+    if not _finite(train.learning_rate) or train.learning_rate <= 0:
+        problems.append(f"--learning_rate must be a finite number > 0, got {train.learning_rate}")
+    for name in ("weight_decay", "max_grad_norm"):
+        if not _finite(getattr(train, name)) or getattr(train, name) < 0:
+            problems.append(f"--{name} must be a finite number >= 0, got {getattr(train, name)}")
+    if train.warmup_steps < 0:
+        problems.append(f"--warmup_steps must be >= 0, got {train.warmup_steps}")
+    elif train.max_steps > 0 and train.warmup_steps > train.max_steps:
+        problems.append(f"--warmup_steps {train.warmup_steps} exceeds --max_steps {train.max_steps}: the learning rate "
+                        "would never reach --learning_rate")
+    if not _finite(train.num_train_epochs):
+        problems.append(f"--num_train_epochs must be a finite number, got {train.num_train_epochs}")
+    elif train.max_steps <= 0 and train.num_train_epochs <= 0:
         problems.append("set --max_steps > 0 or --num_train_epochs > 0")
-    if train.save_steps < 0 or (train.save_total_limit is not None and train.save_total_limit < 1):
-        problems.append("--save_steps must be >= 0 and --save_total_limit >= 1")
-    bad_monitors = [m for m in train.report_to.split(",") if m.strip() not in ("none", "tensorboard", "wandb", "csv")]
+    if train.seed < 0:
+        problems.append(f"--seed must be >= 0, got {train.seed}")
+    if train.save_steps < 0:
+        problems.append(f"--save_steps must be >= 0 (0: only at the end), got {train.save_steps}")
+    if train.save_total_limit is not None and train.save_total_limit < 1:
+        problems.append(f"--save_total_limit must be >= 1, got {train.save_total_limit}")
+    if train.eval_steps is not None and train.eval_steps < 1:
+        problems.append(f"--eval_steps must be >= 1, got {train.eval_steps}")
+    bad_monitors = [m for m in train.report_to.split(",") if m.strip() not in MONITORS]
     if bad_monitors:
-        problems.append(f"--report_to {bad_monitors}: choose none, tensorboard, wandb or csv")
+        problems.append(f"--report_to {bad_monitors}: choose {', '.join(MONITORS)}")
     if train.profile_steps is not None and profile_window(train.profile_steps) is None:
         problems.append(f"--profile_steps {train.profile_steps!r}: give A-B with 1 <= A <= B (e.g. 6-7)")
     if train.eval_steps is not None and not data.eval_file:
         problems.append("--eval_steps needs --eval_file")
+    if train.resume_from_checkpoint and train.overwrite_output_dir:
+        problems.append("--resume_from_checkpoint and --overwrite_output_dir contradict each other: continue the run in "
+                        "--output_dir or replace it, not both")
     return problems
+
+
+def validate_arguments(model: ModelArguments, data: DataArguments, clora_args, train: TrainArguments) -> None:
+    """Every problem in one ConfigError (litgpt's validate_args habit)."""
+    problems = argument_problems(model, data, clora_args, train)
+    if problems:
+        raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------
+# parsing: flags and YAML/JSON config files
+# ---------------------------------------------------------------------------------------------------
+def build_parser(description: Optional[str] = None):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description=description,
+                              epilog="Flags may also be given in a YAML/JSON file: launch/train.py FILE [flags].")
+    parser.add_argument("--config", help="YAML/JSON file of flags (same names, without --); flags given here override it.")
+    return parser
+
+
+def config_file_to_argv(path: str, known: Sequence[str]) -> List[str]:
+    """A YAML/JSON file of flags -> argv; ConfigError naming the file (and line) for anything wrong with it."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}{where}: YAML syntax error ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of argument names to values")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {unknown}; see `python launch/train.py --help`")
+    argv = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        elif isinstance(value, dict):
+            raise ConfigError(f"config file {path}: {key} must be a single value, found a mapping")
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_train_arguments(argv: Sequence[str], description: Optional[str] = None):
+    """(ModelArguments, DataArguments, CLoRAArguments, TrainArguments) from flags and an optional config file
+    (first argument, or --config FILE; flags override it). Unknown flags exit with argparse's usage message."""
+    parser = build_parser(description)
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--config"] + argv
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            parser.error("--config needs a file")
+        known = [a.dest for a in parser._actions]
+        argv = config_file_to_argv(argv[i + 1], known) + argv[:i] + argv[i + 2:]
+    *outputs, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return tuple(outputs[: len(ARGUMENT_CLASSES)])  # the last output is the namespace holding --config

@@ -2,64 +2,92 @@
 
 R = Σ_m ½‖A_m P_in,m‖²_F + ½‖B_mᵀ P_out,m‖²_F,   total loss = task loss + lam · R
 (A = lora_A [r, in], B = lora_B [out, r], P_in [in, k], P_out [out, k] orthonormal columns.)
+
+``launch/train.py``'s LoRA / CLoRA flags are generated from these fields (``metadata["flag"]`` names the flag;
+defaults and help text are these), so the library and the launcher cannot disagree. The defaults are the
+LLM-Adapters settings the CLoRA paper trains with (dropout 0.05 on q, k, v, up, down).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Dict, List, Tuple, Union
+
+from .errors import CLoRAConfigError
 
 P_INITS = ("orthogonal", "svd_major", "svd_minor")
 P_DTYPES = ("float32", "bfloat16", "float16", "float64")
 CLORA_CONFIG_NAME = "clora_config.json"
+LLAMA_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 
-
-class CLoRAConfigError(ValueError):
-    """CLoRA settings that cannot work (for this model); the message lists every problem."""
+__all__ = ["CLoRAConfig", "CLoRAConfigError", "CLORA_CONFIG_NAME", "P_INITS", "P_DTYPES", "clora_flags"]
 
 
 @dataclass
 class CLoRAConfig:
     """LoRA settings plus the CLoRA subspace regularizer settings."""
 
-    r: int = field(default=8, metadata={"help": "LoRA rank r (lora_A is [r, in], lora_B is [out, r])."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is (alpha / r)·B·A. Usually 2*r."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch input, in [0, 1)."})
+    r: int = field(default=8, metadata={"flag": "lora_r", "help": "LoRA rank r (lora_A is [r, in], lora_B is [out, r])."})
+    alpha: float = field(default=16.0, metadata={"flag": "lora_alpha", "help": "LoRA alpha; the update is (alpha / r)·B·A. Usually 2*r."})
+    dropout: float = field(default=0.05, metadata={"flag": "lora_dropout", "help": "Dropout on the LoRA branch input, in [0, 1)."})
     target_modules: Union[str, list] = field(
-        default="all-linear",
-        metadata={"help": "Module name suffixes to adapt (e.g. q_proj,v_proj) or 'all-linear' (every linear layer but lm_head)."},
+        default=LLAMA_TARGETS,
+        metadata={"flag": "target_modules", "help": "Module name suffixes to adapt (comma-separated, e.g. q_proj,v_proj) or "
+                  "'all-linear' (every linear layer but lm_head)."},
     )
-    k: int = field(default=128, metadata={"help": "Subspace dimension k of P_in [in, k] and P_out [out, k]; k <= min(in, out) of every adapted module."})
-    lam: float = field(default=1.0, metadata={"help": "Regularizer weight λ >= 0; 0 is exactly plain LoRA."})
+    k: int = field(default=128, metadata={"flag": "clora_k", "help": "Subspace dimension k of P_in [in, k] and P_out [out, k]; "
+                                          "k <= min(in, out) of every adapted module."})
+    lam: float = field(default=1.0, metadata={"flag": "clora_lambda", "help": "Regularizer weight λ >= 0; 0 is exactly plain LoRA."})
     p_init: str = field(
         default="orthogonal",
-        metadata={"help": "How P is built: 'orthogonal' (random Haar, the paper's default), 'svd_major' / 'svd_minor' (top / bottom-k singular vectors of the frozen W)."},
+        metadata={"flag": "clora_p_init", "help": "How P is built: 'orthogonal' (random Haar, the paper's default), 'svd_major' / "
+                  "'svd_minor' (top / bottom-k singular vectors of the frozen W)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the subspaces; P is a pure function of (seed, module name, shape, k, p_init)."})
-    p_dtype: str = field(default="float32", metadata={"help": "Storage dtype of P: float32, bfloat16, float16 or float64."})
+    seed: int = field(default=0, metadata={"flag": "seed", "help": "Seed of the subspaces; P is a pure function of (seed, module "
+                                           "name, shape, k, p_init)."})
+    p_dtype: str = field(default="float32", metadata={"flag": "clora_p_dtype", "help": "Storage dtype of P: float32, bfloat16, "
+                                                      "float16 or float64."})
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
-        problems = []
-        if not isinstance(self.r, int) or self.r < 1:
-            problems.append(f"r must be a positive integer, got {self.r!r}")
-        if self.dropout < 0 or self.dropout >= 1:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if not isinstance(self.k, int) or self.k < 1:
-            problems.append(f"k must be a positive integer, got {self.k!r}")
-        if self.lam < 0:
-            problems.append(f"lam (λ) must be >= 0, got {self.lam}; use lam=0 for plain LoRA")
-        if self.p_init not in P_INITS:
-            problems.append(f"unknown p_init {self.p_init!r}; choose one of {', '.join(P_INITS)}")
-        if self.p_dtype not in P_DTYPES:
-            problems.append(f"unknown p_dtype {self.p_dtype!r}; choose one of {', '.join(P_DTYPES)}")
-        if not self.target_modules:
-            problems.append("target_modules is empty; name module suffixes such as q_proj,v_proj or use 'all-linear'")
+        problems = self.problems(self.to_dict())
         if problems:
-            raise CLoRAConfigError("Invalid CLoRA config:\n  - " + "\n  - ".join(problems))
+            raise CLoRAConfigError("Invalid CLoRA config:\n  - " + "\n  - ".join(f"{name} {text}" for name, text in problems))
+
+    @staticmethod
+    def problems(values: Dict[str, object]) -> List[Tuple[str, str]]:
+        """[(field, what is wrong with it)] for these settings, each read as "FIELD TEXT"; the library names the
+        fields, the launcher its flags (``--clora_k must be a positive integer, got 0``)."""
+        out = []
+
+        def positive_int(name):
+            v = values.get(name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                out.append((name, f"must be a positive integer, got {v!r}"))
+
+        def number(name, ok, text):
+            v = values.get(name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
+                out.append((name, f"{text}, got {v!r}"))
+
+        positive_int("r")
+        number("alpha", lambda v: v > 0, "must be a positive number")
+        number("dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
+        positive_int("k")
+        number("lam", lambda v: v >= 0, "(λ) must be a finite number >= 0 (0 is plain LoRA)")
+        for name, choices in (("p_init", P_INITS), ("p_dtype", P_DTYPES)):
+            if values.get(name) not in choices:
+                out.append((name, f"{values.get(name)!r} is not one of {', '.join(choices)}"))
+        targets = values.get("target_modules")
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if not targets:
+            out.append(("target_modules", "is empty; name module suffixes such as q_proj,v_proj or use 'all-linear'"))
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,8 +111,14 @@ class CLoRAConfig:
         if path.is_dir():
             path = path / CLORA_CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"No CLoRA settings at {path}; expected the {CLORA_CONFIG_NAME} written beside the adapter")
-        return cls.from_dict(json.loads(path.read_text()))
+            raise CLoRAConfigError(f"No CLoRA settings at {path}; expected the {CLORA_CONFIG_NAME} written beside the adapter")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CLoRAConfigError(f"{path}: malformed JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise CLoRAConfigError(f"{path}: expected a JSON object of CLoRA settings")
+        return cls.from_dict(data)
 
     def peft_lora_config(self, target_modules):
         """The PEFT ``LoraConfig`` of these settings for the given module names: what ``attach_clora`` injects
@@ -99,3 +133,9 @@ class CLoRAConfig:
         import torch
 
         return getattr(torch, self.p_dtype)
+
+
+def clora_flags() -> Dict[str, dataclasses.Field]:
+    """Command-line flag name -> the CLoRAConfig field it sets."""
+    return {f.metadata["flag"]: f for f in dataclasses.fields(CLoRAConfig)}
+

@@ -15,12 +15,17 @@ position_ids restarting at 0 for each example and no attention_mask; attention t
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from .errors import DataError
 
 IGNORE_INDEX = -100
 
@@ -43,10 +48,6 @@ FORMATS = {  # format -> required keys (optional ones are in the module docstrin
 }
 
 
-class DataError(ValueError):
-    """A problem with the user's data, stated with file, line and field."""
-
-
 def alpaca_prompt(record: dict) -> str:
     template = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
@@ -61,34 +62,56 @@ def detect_format(keys) -> Optional[str]:
 
 
 def read_records(path: str) -> List[dict]:
-    """Records of a .json / .jsonl / .parquet file; malformed JSON names the file and line."""
+    """Records of a .json / .jsonl / .parquet file; anything unreadable names the file (and line)."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} does not exist" + (" (it is a directory)" if p.is_dir() else ""))
     if p.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(p).to_pylist()
-    if p.suffix not in (".json", ".jsonl"):
-        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use .json, .jsonl or .parquet")
-    text = p.read_text()
-    if p.suffix == ".json" and text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+            records = pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: not a readable parquet file ({p.stat().st_size:,} bytes; {err})") from None
+    elif p.suffix not in (".json", ".jsonl"):
+        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use .json, .jsonl or .parquet")
     else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: byte {raw[err.start]:#04x} at offset {err.start:,} is not UTF-8; save the "
+                            "file as UTF-8 text") from None
+        records = _parse_json_records(text, path, p.suffix)
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise DataError(f"{path}: record {bad + 1} is a {type(records[bad]).__name__}, expected a JSON object")
+    return records
+
+
+def _parse_json_records(text: str, path: str, suffix: str) -> list:
+    stripped = text.lstrip()
+    if suffix == ".json" and stripped.startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            if stripped.startswith("["):
+                raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        else:
+            if isinstance(data, list):
+                return data
+            raise DataError(f"{path}: holds one JSON {type(data).__name__}; expected a list of records ([{{...}}, ...]) "
+                            "or one record per line")
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
     return records
 
 
@@ -96,12 +119,17 @@ def load_records(source: str, split: str = "train") -> List[dict]:
     """Records of a local file or a hub dataset name."""
     if Path(source).suffix in (".json", ".jsonl", ".parquet") or Path(source).exists():
         return read_records(source)
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise DataError(f"{source!r} is not a local file, and the hub is off (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set); "
+                        "download the dataset first and pass its local .json/.jsonl/.parquet file")
     from datasets import load_dataset
 
     try:
         ds = load_dataset(source, split=split)
     except Exception as err:  # the hub is often unreachable on compute nodes: say so plainly
-        raise DataError(f"could not load dataset {source!r} (not a local .json/.jsonl/.parquet file, and the hub said: {err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load dataset {source!r}: not a local .json/.jsonl/.parquet file, and the hub said: "
+                        f"{first}") from None
     return ds.to_list()
 
 
@@ -123,7 +151,36 @@ def check_records(records: List[dict], where: str, dataset_format: Optional[str]
         missing = [k for k in required if k not in rec or rec[k] is None]
         if missing:
             raise DataError(f"{where}: record {i} lacks field {missing[0]!r}, required by format {dataset_format} ({how})")
+        problem = _field_type_problem(rec, dataset_format)
+        if problem:
+            raise DataError(f"{where}: record {i}: {problem}")
     return dataset_format
+
+
+TEXT_FIELDS = {"alpaca": ("instruction", "input", "output"), "commonsense": ("instruction", "input", "output", "answer"),
+               "metamath": ("query", "response")}
+
+
+def _field_type_problem(rec: dict, dataset_format: str) -> Optional[str]:
+    """What is not text where text is needed (a number as `output`, a list as `instruction`), or None."""
+    def show(v):
+        text = json.dumps(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    if dataset_format == "messages":
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return f"field 'messages' must be a non-empty list of {{role, content}} objects, found {show(msgs)}"
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return f"messages[{j}] must be an object with string 'role' and 'content', found {show(m)}"
+        return None
+    for key in TEXT_FIELDS[dataset_format]:
+        value = rec.get(key)
+        if value is not None and not isinstance(value, str):
+            return (f"field {key!r} is a {type(value).__name__} ({show(value)}), expected a string; quote it in the data "
+                    f"(\"{key}\": \"...\")")
+    return None
 
 
 def _chat_text(tokenizer, messages: List[dict], add_generation_prompt: bool) -> str:
@@ -184,8 +241,37 @@ class TokenizedData:
     n_dropped: int
 
 
+def default_cache_dir() -> Path:
+    """Where tokenized data is cached by default: the datasets cache (HF_DATASETS_CACHE), never the output directory,
+    so that checking a run's data writes nothing there."""
+    from datasets import config
+
+    return Path(config.HF_DATASETS_CACHE) / "clora_ds"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable hash of what decides the token ids: vocabulary and rules, special tokens, chat template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)]).encode())
+    return h.hexdigest()[:16]
+
+
+def units_fingerprint(units: list, packed: bool) -> str:
+    """sha256 of the training units' token ids and labels, in order: what a step's data is made of."""
+    h = hashlib.sha256(b"packed" if packed else b"examples")
+    for unit in units:
+        for ex in (unit if packed else [unit]):
+            h.update(array("q", ex["input_ids"]).tobytes())
+            h.update(array("q", ex["labels"]).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
 def tokenize_records(records, where, tokenizer, dataset_format, max_len, train_on_prompt=False, cache_dir=None) -> TokenizedData:
-    """Check, tokenize (cached through ``datasets``), truncate; drop examples left with no response token."""
+    """Check, tokenize (cached through ``datasets`` in ``cache_dir``; None: in memory), truncate; drop examples left
+    with no response token."""
     from datasets import Dataset
 
     fmt = check_records(records, where, dataset_format)
@@ -197,7 +283,8 @@ def tokenize_records(records, where, tokenizer, dataset_format, max_len, train_o
     cache = None
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache = str(Path(cache_dir) / f"tokenized-{ds._fingerprint}-{fmt}-{max_len}-{int(train_on_prompt)}.arrow")
+        key = f"{ds._fingerprint}-{tokenizer_fingerprint(tokenizer)}-{fmt}-{max_len}-{int(train_on_prompt)}"
+        cache = str(Path(cache_dir) / f"tokenized-{key}.arrow")
     ds = ds.map(encode, remove_columns=ds.column_names, cache_file_name=cache, load_from_cache_file=cache is not None,
                 desc="tokenizing")
     examples, truncated, dropped = [], 0, 0

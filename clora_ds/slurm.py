@@ -6,22 +6,23 @@ costs seconds, is reported in one message, and leaves nothing behind:
     job_flags   flags the job adds to the user's train arguments: the sweep run of this array task
                 (--output_dir ROOT/k{K} --clora_k K, or ROOT/lora with --clora_lambda 0) and, on a requeued
                 attempt, --resume_from_checkpoint auto
-    check_job   every problem at once: invalid arguments, a node / rank layout the script does not expect,
-                an output directory holding another run, a checkpoint written for another global batch
+    check_job   every problem at once: everything the launcher checks before it writes (``plan_run``: arguments,
+                DeepSpeed config, model, data, output directory, the checkpoint to resume and its settings) for
+                this job's world size, plus a node / rank layout the script does not expect
 
 The allocation (`JobShape`) is read from SLURM_* variables by the entry point, never here.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .arguments import DataArguments, ModelArguments, TrainArguments, argument_problems
-from .checkpoint import STATE_FILE, list_checkpoints
-from .engine import ConfigError, check_model_path, check_output_dir, read_deepspeed_config
+from .arguments import DataArguments, ModelArguments, TrainArguments
+from .errors import ConfigError, RunProblems, UserError
+from .plan import plan_run
+from .run_dir import inspect_output_dir, list_checkpoints, read_trainer_state
 from .sweep import BASELINE_RUN
 
 
@@ -62,7 +63,7 @@ def sweep_runs(k_values: Sequence[int]) -> List[Tuple[str, List[str]]]:
     return runs + [(BASELINE_RUN, ["--clora_k", str(min(k_values)), "--clora_lambda", "0"])]
 
 
-def job_flags(train: TrainArguments, shape: JobShape, sweep_k: Optional[Sequence[int]] = None) -> List[str]:
+def job_flags(train: TrainArguments, clora_args, shape: JobShape, sweep_k: Optional[Sequence[int]] = None) -> List[str]:
     """Flags appended to the user's train arguments (the last occurrence of a flag wins)."""
     flags: List[str] = []
     output_dir = Path(train.output_dir)
@@ -76,7 +77,7 @@ def job_flags(train: TrainArguments, shape: JobShape, sweep_k: Optional[Sequence
         if not 0 <= shape.array_task_id <= last:
             raise ConfigError(f"array task {shape.array_task_id} has no sweep run: the sweep has {len(runs)} runs "
                               f"({names}); submit with --array=0-{last}")
-        if train.clora_lambda == 0:
+        if clora_args.clora_lambda == 0:
             raise ConfigError("--clora_lambda 0 would make every sweep run plain LoRA; the sweep adds the λ = 0 "
                               "baseline itself, give the λ of the CLoRA runs (default 1)")
         name, run_flags = runs[shape.array_task_id]
@@ -90,22 +91,15 @@ def job_flags(train: TrainArguments, shape: JobShape, sweep_k: Optional[Sequence
     return flags
 
 
-def check_job(model: ModelArguments, data: DataArguments, train: TrainArguments, shape: JobShape) -> Optional[Path]:
+def check_job(model: ModelArguments, data: DataArguments, clora_args, train: TrainArguments, shape: JobShape) -> Optional[Path]:
     """The checkpoint the job will resume from (or None); ConfigError listing every reason it cannot start."""
-    problems = argument_problems(model, data, train)
-    for check, arg in ((read_deepspeed_config, train.deepspeed), (check_model_path, model.model_name_or_path)):
-        try:
-            check(arg)
-        except ConfigError as err:
-            problems.append(str(err))
-    problems += _shape_problems(shape)
+    problems = _shape_problems(shape)
     resume = None
     try:
-        resume = check_output_dir(Path(train.output_dir), train)
-    except ConfigError as err:
-        problems.append(str(err))
-    if resume is not None:
-        problems += _resume_problems(resume, train, shape)
+        resume = plan_run(model, data, clora_args, train, shape.world_size).start.resume
+    except RunProblems as err:
+        hint = _nodes_hint(train, shape)  # says what the generic global-batch difference says, and what to do
+        problems += [p for p in err.problems if not (hint and "global batch (per device" in p)] + hint
     if problems:
         raise ConfigError("this job cannot start:\n  - " + "\n  - ".join(problems))
     return resume
@@ -127,14 +121,20 @@ def _shape_problems(shape: JobShape) -> List[str]:
     return problems
 
 
-def _resume_problems(resume: Path, train: TrainArguments, shape: JobShape) -> List[str]:
-    state = json.loads((resume / STATE_FILE).read_text())
-    per_node = train.per_device_train_batch_size * shape.ranks_per_node * train.gradient_accumulation_steps
-    mine = per_node * shape.nodes
-    if state["global_batch"] == mine:
+def _nodes_hint(train: TrainArguments, shape: JobShape) -> List[str]:
+    """When the checkpoint to resume has another global batch: the node count that would give it."""
+    start, _ = inspect_output_dir(Path(train.output_dir), train.resume_from_checkpoint, train.overwrite_output_dir)
+    if start.resume is None:
         return []
-    fits = state["global_batch"] // per_node if state["global_batch"] % per_node == 0 else None
+    try:
+        saved = read_trainer_state(start.resume)["global_batch"]
+    except (UserError, KeyError):
+        return []
+    per_node = train.per_device_train_batch_size * shape.ranks_per_node * train.gradient_accumulation_steps
+    if saved == per_node * shape.nodes:
+        return []
+    fits = saved // per_node if saved % per_node == 0 else None
     hint = f"resubmit with --nodes={fits}" if fits else "change --per_device_train_batch_size or --gradient_accumulation_steps"
-    return [f"{resume} was trained with a global batch of {state['global_batch']}; this job's is "
-            f"{train.per_device_train_batch_size} per device x {shape.world_size} rank(s) ({shape.nodes} node(s) x "
-            f"{shape.ranks_per_node}) x {train.gradient_accumulation_steps} accumulation = {mine}; {hint}"]
+    return [f"{start.resume} was trained with a global batch of {saved}; this job's is {train.per_device_train_batch_size} "
+            f"per device x {shape.world_size} rank(s) ({shape.nodes} node(s) x {shape.ranks_per_node}) x "
+            f"{train.gradient_accumulation_steps} accumulation = {per_node * shape.nodes}; {hint}"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
-from .checkpoint import METRICS_FILE, TRAIN_CONFIG_FILE, read_metrics
+from .run_dir import METRICS_FILE, TRAIN_CONFIG_FILE, read_metrics, read_train_config
 
 ATTEMPTS_FILE = "slurm_attempts.jsonl"  # one JSON line per job attempt, appended by launch/slurm/train.sbatch
 BASELINE_RUN = "lora"                   # the λ = 0 run of a sweep (clora_ds.slurm.sweep_runs names it)
@@ -48,7 +48,7 @@ def collect_sweep(root: Union[str, Path]) -> Tuple[List[SweepRun], List[Tuple[st
         if adapter is None or not train_rows:
             pending.append((run_dir.name, "no final adapter yet (running, queued, stopped or failed: see its slurm-*.out)"))
             continue
-        args = json.loads((run_dir / TRAIN_CONFIG_FILE).read_text())["arguments"]
+        args = read_train_config(run_dir)["arguments"]
         last = max(train_rows, key=lambda r: r["step"])
         evals = [r for r in rows.values() if "eval_loss" in r]
         finished.append(SweepRun(

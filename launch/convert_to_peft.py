@@ -4,11 +4,11 @@
     python launch/convert_to_peft.py OUT/checkpoint-1200 OUT/merged --merge --base_model /models/Llama-2-7b-hf
     python launch/convert_to_peft.py --help
 
-Same as the `clora-ds-convert` console script (clora_ds/convert.py).
+Same as the `clora-ds-convert` console script (clora_ds/export/convert.py).
 """
 import sys
 
-from clora_ds.convert import main
+from clora_ds.export.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

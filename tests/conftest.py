@@ -67,3 +67,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slurm: runs jobs on a real two-node SLURM cluster built on this machine (root, "
                                        "slurm-wlm and munge; skipped without them, installed by .ci/run)")
+
+
+def tree_hash(path):
+    """sha256 over every file's relative path and bytes, and every directory's path, under ``path`` (None if absent):
+    equal before and after means nothing was created, changed or removed there."""
+    import hashlib
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode() + (b"/" if p.is_dir() else b""))
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

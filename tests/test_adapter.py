@@ -21,7 +21,7 @@ def load(model_dir, dtype=torch.float64):
 
 def clora_model(model_dir, dtype=torch.float64, randomize_b=True, **cfg):
     torch.manual_seed(0)
-    model = attach_clora(load(model_dir, dtype), CLoRAConfig(**{"r": 4, "alpha": 8, "k": 6, "lam": 0.7, **cfg}))
+    model = attach_clora(load(model_dir, dtype), CLoRAConfig(**{"r": 4, "alpha": 8, "k": 6, "lam": 0.7, "dropout": 0.0, "target_modules": "all-linear", **cfg}))
     if randomize_b:  # B = 0 at init would make half of every check trivial
         with torch.no_grad():
             for n, p in model.named_parameters():

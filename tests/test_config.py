@@ -13,9 +13,9 @@ def test_defaults_are_valid_and_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"lam": -0.1}, "lam (λ) must be >= 0"),
-        ({"p_init": "random"}, "unknown p_init 'random'; choose one of orthogonal, svd_major, svd_minor"),
-        ({"p_dtype": "int8"}, "unknown p_dtype 'int8'"),
+        ({"lam": -0.1}, "lam (λ) must be a finite number >= 0 (0 is plain LoRA), got -0.1"),
+        ({"p_init": "random"}, "p_init 'random' is not one of orthogonal, svd_major, svd_minor"),
+        ({"p_dtype": "int8"}, "p_dtype 'int8' is not one of"),
         ({"k": 0}, "k must be a positive integer"),
         ({"r": 0}, "r must be a positive integer"),
         ({"dropout": 1.0}, "dropout must be in [0, 1)"),

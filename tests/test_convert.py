@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clora_ds.checkpoint import convert_checkpoint, load_checkpoint_file
-from clora_ds.convert import main as convert_main
-from conftest import ROOT, SCRIPTS, child_env, deepspeed_cmd, run_checked
+from clora_ds.export import convert_checkpoint, load_checkpoint_file
+from clora_ds.export.convert import main as convert_main
+from conftest import ROOT, SCRIPTS, child_env, deepspeed_cmd, run_checked, tree_hash
 from test_train import CFG, launch
 
 CONVERT = str(ROOT / "launch" / "convert_to_peft.py")
@@ -322,6 +322,13 @@ def test_bad_input_is_one_clear_message_and_nothing_written(zero3_run, tiny_mode
         torch.save(state, f)
     assert_refused(capsys, out, no_lora, out, expect=f"{no_lora} holds no LoRA weights: its 16 trainable parameter(s)")
 
+    # an adapter written inside the checkpoint it is read from is refused; the checkpoint stays as it was
+    inside = copy_checkpoint(good, tmp_path / "inside" / "checkpoint-3")
+    before = tree_hash(inside)
+    assert_refused(capsys, inside / "adapter", inside, inside / "adapter",
+                   expect=f"OUT_DIR {inside / 'adapter'} is inside the checkpoint {inside} it is converted from")
+    assert tree_hash(inside) == before
+
     # an existing OUT_DIR is refused and left alone; --overwrite replaces it
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -357,7 +364,7 @@ def test_unpickling_is_restricted_to_deepspeed_classes(tmp_path):
 
     bad = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {}, "payload": Payload()}, bad)
-    from clora_ds.checkpoint import CheckpointError
+    from clora_ds.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"refusing to unpickle .* it names (posix|os)\.system"):
         load_checkpoint_file(bad)

@@ -98,7 +98,7 @@ def test_launcher_bf16_one_gpu_packed(attn, tiny_model_dir, tmp_path):
                  "--per_device_train_batch_size", "2", "--max_seq_length", "256", "--lora_r", "4", "--lora_alpha", "8",
                  "--clora_k", "5", "--logging_steps", "1", "--save_steps", "6", "--attn_implementation", attn])
     cfg = json.loads((out / "train_config.json").read_text())
-    from clora_ds.engine import flash_attention_available
+    from clora_ds.model import flash_attention_available
 
     auto_choice = "flash_attention_2" if flash_attention_available()[0] else "clora_packed_sdpa"
     assert cfg["attention"] == (auto_choice if attn == "auto" else "flash_attention_2")

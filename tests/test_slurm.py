@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clora_ds.engine import ConfigError
+from clora_ds.arguments import parse_train_arguments
+from clora_ds.errors import ConfigError
 from clora_ds.slurm import JobShape, check_job, expand_tasks_per_node, job_flags
 from clora_ds.sweep import collect_sweep, format_sweep_table
 from conftest import ROOT, child_env, run_checked
@@ -40,11 +41,8 @@ RUN = dict(max_steps=30, save_steps=3, per_device_train_batch_size=2)  # 2 ranks
 # without a cluster: what the job decides and refuses, and the sweep table
 # ------------------------------------------------------------------------------------------------------------
 def parsed(model_dir, out, **over):
-    """(model, data, train) arguments exactly as launch/train.py parses them."""
-    spec = importlib.util.spec_from_file_location("preflight_entry", ROOT / "launch" / "slurm" / "preflight.py")
-    preflight = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(preflight)
-    return preflight.train_parser()(train_args(model_dir, out, **over))
+    """(model, data, clora, train) arguments exactly as launch/train.py and the preflight parse them."""
+    return parse_train_arguments(train_args(model_dir, out, **over))
 
 
 def test_tasks_per_node_expands():
@@ -55,18 +53,18 @@ def test_tasks_per_node_expands():
 
 
 def test_job_flags_pick_the_sweep_run_and_resume_on_requeue(tiny_model_dir, tmp_path):
-    _, _, train = parsed(tiny_model_dir, tmp_path / "sweep")
+    _, _, clora, train = parsed(tiny_model_dir, tmp_path / "sweep")
     shape = JobShape(nodes=1, ranks_per_node=1, array_task_id=1)
-    assert job_flags(train, shape, [4, 8]) == ["--output_dir", str(tmp_path / "sweep" / "k8"), "--clora_k", "8"]
-    assert job_flags(train, JobShape(1, 1, array_task_id=2), [4, 8]) == [
+    assert job_flags(train, clora, shape, [4, 8]) == ["--output_dir", str(tmp_path / "sweep" / "k8"), "--clora_k", "8"]
+    assert job_flags(train, clora, JobShape(1, 1, array_task_id=2), [4, 8]) == [
         "--output_dir", str(tmp_path / "sweep" / "lora"), "--clora_k", "4", "--clora_lambda", "0"]
     with pytest.raises(ConfigError, match=r"array task 3 has no sweep run: the sweep has 3 runs \(k4, k8, lora\); "
                                           r"submit with --array=0-2"):
-        job_flags(train, JobShape(1, 1, array_task_id=3), [4, 8])
+        job_flags(train, clora, JobShape(1, 1, array_task_id=3), [4, 8])
     with pytest.raises(ConfigError, match="not a job array"):
-        job_flags(train, JobShape(1, 1), [4, 8])
-    assert job_flags(train, JobShape(1, 1, restart_count=1)) == ["--resume_from_checkpoint", "auto"]
-    assert job_flags(train, JobShape(1, 1)) == []
+        job_flags(train, clora, JobShape(1, 1), [4, 8])
+    assert job_flags(train, clora, JobShape(1, 1, restart_count=1)) == ["--resume_from_checkpoint", "auto"]
+    assert job_flags(train, clora, JobShape(1, 1)) == []
 
 
 def test_check_job_lists_every_reason_before_launch(tiny_model_dir, tmp_path):
@@ -74,20 +72,31 @@ def test_check_job_lists_every_reason_before_launch(tiny_model_dir, tmp_path):
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / "COMPLETE").write_text("2\n")
     (out / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"step": 2, "global_batch": 4}))
-    model, data, train = parsed(tiny_model_dir, out, per_device_train_batch_size=2)
+    model, data, clora, train = parsed(tiny_model_dir, out, per_device_train_batch_size=2)
     bad_shape = JobShape(nodes=1, ranks_per_node=1, tasks_per_node="2", expected_nodes=2)
     with pytest.raises(ConfigError) as err:
-        check_job(model, data, train, bad_shape)
+        check_job(model, data, clora, train, bad_shape)
     msg = str(err.value)
     assert msg.startswith("this job cannot start:")
     assert "sbatch gave 1 node(s) but the script expects NODES=2; submit with sbatch --nodes=2" in msg
     assert "SLURM allocated 2 tasks per node but the script starts 1 rank(s) on every node" in msg
     assert f"--output_dir {out} holds another run (checkpoint-2)" in msg
-    # a resumed run must keep its global batch: 2 per device x 1 rank is not the checkpoint's 4
-    model, data, train = parsed(tiny_model_dir, out, per_device_train_batch_size=2, resume_from_checkpoint="auto")
-    with pytest.raises(ConfigError, match=r"was trained with a global batch of 4; .* = 2; resubmit with --nodes=2"):
-        check_job(model, data, train, JobShape(nodes=1, ranks_per_node=1, tasks_per_node="1"))
-    assert check_job(model, data, train, JobShape(nodes=2, ranks_per_node=1, tasks_per_node="1(x2)")) == out / "checkpoint-2"
+    # a resumed run must keep its global batch: 2 per device x 1 rank is not the checkpoint's 4; the preflight also
+    # opens the checkpoint's rank files (this one has none) before any rank would load them
+    model, data, clora, train = parsed(tiny_model_dir, out, per_device_train_batch_size=2, resume_from_checkpoint="auto")
+    with pytest.raises(ConfigError) as err:
+        check_job(model, data, clora, train, JobShape(nodes=1, ranks_per_node=1, tasks_per_node="1"))
+    msg = str(err.value)
+    assert re.search(r"was trained with a global batch of 4; .* = 2; resubmit with --nodes=2", msg), msg
+    assert f"cannot resume: {out / 'checkpoint-2'} is not a DeepSpeed checkpoint" in msg
+    # λ < 0, k = 0 and a misspelled p_init are refused before launch, like the launcher refuses them
+    model, data, clora, train = parsed(tiny_model_dir, tmp_path / "new", clora_lambda=-1, clora_k=0, clora_p_init="orthgonal")
+    with pytest.raises(ConfigError) as err:
+        check_job(model, data, clora, train, JobShape(nodes=1, ranks_per_node=1, tasks_per_node="1"))
+    for needle in ("--clora_lambda (λ) must be a finite number >= 0", "--clora_k must be a positive integer, got 0",
+                   "--clora_p_init 'orthgonal' is not one of orthogonal, svd_major, svd_minor"):
+        assert needle in str(err.value)
+    assert not (tmp_path / "new").exists()
 
 
 def test_sweep_table_reads_finished_runs(tmp_path):

@@ -3,27 +3,20 @@
     python launch/slurm/preflight.py --plan FILE --ranks_per_node G [--expected_nodes N] [--sweep_k "8 16"] \\
         -- TRAIN ARGS
 
-The train arguments are parsed exactly as launch/train.py parses them. The allocation comes from SLURM_JOB_NUM_NODES,
+The train arguments are parsed exactly as launch/train.py parses them (clora_ds.arguments.parse_train_arguments) and
+checked by the same function (clora_ds.plan.plan_run, inside check_job), for this job's world size. The allocation comes from SLURM_JOB_NUM_NODES,
 SLURM_TASKS_PER_NODE, SLURM_GPUS_ON_NODE, SLURM_RESTART_COUNT and SLURM_ARRAY_TASK_ID. FILE receives the run's
 output directory (line 1) and the flags the job adds to the train arguments (one per line). A job that cannot
 start gets one `error:` message and exit status 2.
 """
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
-from clora_ds.engine import ConfigError
+from clora_ds.arguments import parse_train_arguments
+from clora_ds.errors import UserError
 from clora_ds.slurm import JobShape, check_job, job_flags
-
-
-def train_parser():
-    """launch/train.py's own parse(): one definition of the train flags, config files included."""
-    spec = importlib.util.spec_from_file_location("clora_train_entry", Path(__file__).resolve().parents[1] / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.parse
 
 
 def env_int(name):
@@ -42,7 +35,6 @@ def main(argv=None):
     args = cli.parse_args(argv[:split])
     train_argv = argv[split + 1:]
 
-    parse = train_parser()
     shape = JobShape(nodes=env_int("SLURM_JOB_NUM_NODES") or 1, ranks_per_node=args.ranks_per_node,
                      tasks_per_node=os.environ.get("SLURM_TASKS_PER_NODE", ""),
                      gpus_on_node=env_int("SLURM_GPUS_ON_NODE"), expected_nodes=args.expected_nodes,
@@ -52,11 +44,11 @@ def main(argv=None):
     except ValueError:
         sys.exit(f"error: SWEEP_K={args.sweep_k!r}: give whole numbers separated by spaces")
     try:
-        _, _, train = parse(train_argv)
-        flags = job_flags(train, shape, sweep_k)
-        model, data, train = parse(train_argv + flags)
-        resume = check_job(model, data, train, shape)
-    except ConfigError as err:
+        _, _, clora_args, train = parse_train_arguments(train_argv)
+        flags = job_flags(train, clora_args, shape, sweep_k)
+        model, data, clora_args, train = parse_train_arguments(train_argv + flags)
+        resume = check_job(model, data, clora_args, train, shape)
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     out = Path(train.output_dir).resolve()

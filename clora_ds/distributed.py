@@ -1,0 +1,158 @@
+"""Rank, barrier, rank-0-first, the device collectives need, and stopping every rank when the launcher goes away.
+
+Every helper also works without torch.distributed (one process): rank 0 of a world of 1.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Callable, List, Optional, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class SiblingFailed(RuntimeError):
+    """Another rank hit an error and reports it; this rank exits quietly."""
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def log(msg: str) -> None:
+    if rank() == 0:
+        print(f"[clora_ds] {msg}", flush=True)
+
+
+def collective_device() -> torch.device:
+    """Where a tensor must live for a collective: NCCL takes CUDA tensors only, gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (every rank must call)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def gather_texts(text: str, limit: int = 4000) -> List[str]:
+    """Every rank's ``text`` (UTF-8, cut at ``limit`` bytes), in rank order, on every rank; no pickling."""
+    if not dist.is_initialized():
+        return [text]
+    data = text.encode()[:limit]
+    buf = torch.zeros(limit + 4, dtype=torch.uint8, device=collective_device())
+    buf[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
+    if data:
+        buf[4:4 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    out = [torch.empty_like(buf) for _ in range(world_size())]
+    dist.all_gather(out, buf)
+    texts = []
+    for t in out:
+        raw = bytes(t.cpu().tolist())
+        n = int.from_bytes(raw[:4], "little")
+        texts.append(raw[4:4 + n].decode(errors="replace"))
+    return texts
+
+
+def on_rank0(fn: Callable[[], T]) -> Optional[T]:
+    """Run fn on rank 0 only (None elsewhere); an error there is raised on rank 0 and stops the others."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, after the other ranks know
+            error = err
+    if any_rank(error is not None):
+        raise error if error is not None else SiblingFailed()
+    return result
+
+
+def rank0_first(fn: Callable[[], T]) -> T:
+    """Run fn on rank 0, then (if it worked there) on the others; an error on any rank stops all."""
+    result = on_rank0(fn)
+    if rank() != 0:
+        error = None
+        try:
+            result = fn()
+        except Exception as err:
+            error = err
+        if any_rank(error is not None):
+            raise error if error is not None else SiblingFailed()
+    elif any_rank(False):
+        raise SiblingFailed()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# stopping with the launcher
+# ---------------------------------------------------------------------------------------------------
+DEEPSPEED_LAUNCH = "deepspeed.launcher.launch"
+
+
+def _proc_ppid(pid: int) -> Optional[int]:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name in (...) may hold spaces
+
+
+def _proc_cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def stop_with_launcher(poll_s: float = 0.5) -> bool:
+    """Under DeepSpeed's launcher, stop this run when the runner above it goes away.
+
+    ``deepspeed`` (the runner) starts one ``deepspeed.launcher.launch`` per node, which starts the ranks. A
+    SIGTERM to the runner ends only the runner on a single node: the launcher and the ranks train on, orphaned.
+    A watcher thread notices (the launcher's parent changed, or the launcher is gone) and sends SIGTERM to the
+    launcher, whose own handler ends every rank; this rank kills itself a few seconds later if still alive.
+    Ranks keep the default SIGTERM / SIGINT actions (immediate exit), so a signal to one rank ends it at once and
+    the launcher ends the others. Returns whether the watcher runs (Linux, under the launcher).
+    """
+    parent = os.getppid()
+    if DEEPSPEED_LAUNCH not in _proc_cmdline(parent):
+        return False
+    runner = _proc_ppid(parent)
+
+    def watch():
+        while os.getppid() == parent and _proc_ppid(parent) == runner:
+            time.sleep(poll_s)
+        try:
+            os.kill(parent, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        time.sleep(5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="clora-launcher-watch", daemon=True).start()
+    return True
+
+
+def default_signal_actions() -> None:
+    """SIGINT and SIGTERM end this process at once (no Python handler that waits for a blocking call to return)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)

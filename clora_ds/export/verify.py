@@ -1,0 +1,86 @@
+"""Verifying an export: the written adapter (plain PEFT) or merged model against the checkpoint's own weights."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Union
+
+import torch
+
+from ..config import CLoRAConfig
+from ..errors import CheckpointError
+from .zero_reader import LORA_PARAM_RE
+
+PathLike = Union[str, Path]
+
+
+VERIFY_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # × max(1, max |logit|)
+
+
+@dataclass
+class Verification:
+    max_abs_diff: float
+    max_abs_logit: float
+    tolerance: float
+    tokens: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def __str__(self) -> str:
+        return (f"max |Δlogit| = {self.max_abs_diff:.3g} over {self.tokens} random tokens (largest |logit| "
+                f"{self.max_abs_logit:.3g}; tolerance {self.tolerance:.3g}): {'ok' if self.passed else 'FAILED'}")
+
+
+@contextlib.contextmanager
+def _quiet_model_loading() -> Iterator[None]:
+    """No per-load progress bars from transformers while verifying (the converter prints its own lines)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _probe_inputs(vocab_size: int, n: int = 3, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def verify_export(written: Path, lora_weights: Mapping[str, torch.Tensor], clora: CLoRAConfig, base_model: PathLike,
+                  merged: bool, rel_tolerance: float) -> Verification:
+    """Logits of the written adapter (loaded with plain ``PeftModel.from_pretrained``) or merged model, against
+    the base with the checkpoint's fp32 LoRA weights set directly, on a few random inputs; fp32 throughout."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    modules = sorted({LORA_PARAM_RE.match(n).group("module") for n in lora_weights})
+    adapter_name = LORA_PARAM_RE.match(next(iter(lora_weights))).group("adapter")
+    with _quiet_model_loading():
+        base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+    reference = get_peft_model(base, clora.peft_lora_config(modules), adapter_name=adapter_name).eval()
+    params = dict(reference.named_parameters())
+    lora_params = {n for n in params if LORA_PARAM_RE.match(n)}
+    if lora_params != set(lora_weights):
+        raise CheckpointError(f"the LoRA parameters of {base_model} with these settings do not match the checkpoint's "
+                              f"({len(lora_params)} vs {len(lora_weights)}, e.g. {sorted(lora_params ^ set(lora_weights))[:2]})")
+    ids = _probe_inputs(base.config.vocab_size)
+    with torch.no_grad():
+        for name, w in lora_weights.items():
+            params[name].copy_(w)
+        expected = reference(input_ids=ids).logits
+        with _quiet_model_loading():
+            if merged:
+                del reference, base, params
+                model = AutoModelForCausalLM.from_pretrained(str(written), dtype=torch.float32).eval()
+            else:
+                model = PeftModel.from_pretrained(reference.unload(), str(written)).eval()
+        got = model(input_ids=ids).logits
+    largest = expected.abs().max().item()
+    return Verification((got - expected).abs().max().item(), largest, rel_tolerance * max(1.0, largest), ids.numel())
+

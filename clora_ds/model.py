@@ -1,0 +1,175 @@
+"""The base model: checked without loading its weights, then built (under zero.Init for ZeRO-3) with CLoRA attached.
+
+``inspect_model`` reads config.json, the tokenizer and the weight files' headers and checks the CLoRA targets (k
+against every adapted module) on a meta-device copy of the architecture, so a bad model or setting fails in seconds,
+before any weight is read or any file written. ``build_model`` then loads it, attaches CLoRA and puts every module in
+train mode: ``from_pretrained`` returns eval mode, PEFT switches only its own modules, and transformers checkpoints a
+decoder layer (and dropout drops) only while that layer is training.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from .adapter import attach_clora, target_modules_and_problems
+from .config import CLoRAConfig
+from .ds_config import zero_stage
+from .errors import ConfigError, UserError
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _weight_problems(model_dir: Path) -> List[str]:
+    """Weight files present, listed shards present, safetensors headers readable and files not truncated."""
+    from .export.merge import _safetensors_layout
+
+    index = next((model_dir / n for n in WEIGHT_INDEXES if (model_dir / n).is_file()), None)
+    if index is not None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            return [f"{index} is damaged ({_first_line(err)}); re-download or re-save the model"]
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            return [f"{model_dir}: {len(missing)} weight shard(s) listed in {index.name} are missing: {', '.join(missing[:3])}"]
+    else:
+        shards = [n for n in WEIGHT_FILES if (model_dir / n).is_file()][:1]
+        if not shards:
+            return [f"--model_name_or_path {model_dir}: no weights there (expected model.safetensors, or "
+                    "model.safetensors.index.json and its shards); a model saved with save_pretrained has them"]
+    problems = []
+    for shard in shards:
+        if shard.endswith(".safetensors"):
+            try:
+                _safetensors_layout(model_dir / shard)
+            except UserError as err:
+                problems.append(str(err))
+    return problems
+
+
+def inspect_model(name_or_path: str, trust_remote_code: bool = False):
+    """(HF config, tokenizer, problems) of --model_name_or_path; config or tokenizer is None when it cannot be read."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    p = Path(name_or_path)
+    flag = f"--model_name_or_path {name_or_path}"
+    looks_local = p.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") != 1
+    if not p.exists():
+        if looks_local:
+            return None, None, [f"{flag}: no such directory"]
+        if _offline():
+            return None, None, [f"{flag}: not a local directory, and the hub is off (HF_HUB_OFFLINE is set); download "
+                                "the model first (huggingface-cli download NAME --local-dir DIR) and pass the directory"]
+    elif not p.is_dir():
+        return None, None, [f"{flag} is a file; expected a saved HF model directory (config.json, tokenizer, weights)"]
+    elif not (p / "config.json").is_file():
+        return None, None, [f"{flag}: no config.json there; expected a saved HF model directory"]
+    problems = []
+    config = tokenizer = None
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # a damaged config.json, an unknown model_type, an unreachable hub
+        where = f"{p / 'config.json'} cannot be read" if p.exists() else f"{flag}: cannot load its config from the hub"
+        problems.append(f"{where} ({_first_line(err)})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        if config is None:  # the tokenizer's class is read from the same damaged config
+            return None, None, problems
+        problems.append(f"{flag}: no usable tokenizer there (tokenizer.json, tokenizer.model or tokenizer_config.json; "
+                        f"{_first_line(err)}); save the tokenizer beside the model")
+    if tokenizer is not None and (tokenizer.eos_token_id is None or tokenizer.bos_token_id is None):
+        problems.append(f"{flag}: the tokenizer has no {'EOS' if tokenizer.eos_token_id is None else 'BOS'} token; "
+                        "examples are framed as [bos] prompt response [eos]")
+    if p.is_dir():
+        problems += _weight_problems(p)
+    return config, tokenizer, problems
+
+
+def target_problems(hf_config, clora: CLoRAConfig, trust_remote_code: bool = False) -> List[str]:
+    """CLoRA's targets and k against the architecture, built on the meta device (no memory, no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        return [f"cannot build a causal LM from {getattr(hf_config, '_name_or_path', 'the model')}'s config "
+                f"({_first_line(err)})"]
+    return target_modules_and_problems(skeleton, clora)[1]
+
+
+def flash_attention_available() -> Tuple[bool, str]:
+    """(True, "") when flash-attn can run here, else (False, the reason)."""
+    if not torch.cuda.is_available():
+        return False, "flash-attn needs a CUDA GPU and none is visible"
+    try:
+        import flash_attn  # noqa: F401  (the import is the check)
+    except ImportError as err:
+        return False, f"the flash-attn package does not import ({err}); pip install 'clora_ds[flash]'"
+    return True, ""
+
+
+def choose_attention(requested: str, packing: bool) -> str:
+    """The attn_implementation to build the model with.
+
+    auto: flash_attention_2 when flash-attn imports on CUDA (its varlen kernels handle packed rows), else
+    SDPA. SDPA with --packing runs per packed sequence (clora_ds.attention) instead of over a dense
+    block-diagonal mask: same result, Σ len² work instead of T² per row.
+    """
+    flash_ready, why_not = flash_attention_available()
+    attn = requested
+    if requested == "auto":
+        attn = "flash_attention_2" if flash_ready else "sdpa"
+    elif requested == "flash_attention_2" and not flash_ready:
+        raise ConfigError(f"--attn_implementation flash_attention_2: {why_not}. Use --attn_implementation sdpa (or auto, "
+                          "which picks flash_attention_2 only where it works)")
+    if attn == "sdpa" and packing:
+        from .attention import PACKED_SDPA
+
+        return PACKED_SDPA
+    return attn
+
+
+def training_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def build_model(name_or_path: str, clora: CLoRAConfig, ds_config: dict, attn: str, dtype: torch.dtype,
+                gradient_checkpointing: bool = False, reentrant: bool = False, trust_remote_code: bool = False,
+                seed: int = 0):
+    """The base model (under zero.Init for ZeRO-3, so it is never whole on one rank) with CLoRA attached, every
+    module in train mode, and activation checkpointing of the decoder layers when asked."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841 (from_pretrained checks it)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=trust_remote_code)
+    model.config.use_cache = False  # a KV cache in training also hides packed sequences from the mask builder
+    torch.manual_seed(seed)
+    model = attach_clora(model, clora, subspace_device="cuda" if torch.cuda.is_available() else None)
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": reentrant}
+        if hasattr(model.get_base_model(), "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+    model.train()
+    return model, keep_alive
