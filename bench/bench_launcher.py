@@ -9,9 +9,13 @@ in the same session. Real (non-pad) tokens per second come from the launcher's o
 first logging window (warm-up) is dropped and the median of the others is reported.
   1. CLoRA (λ=1, k = hidden/8) vs λ=0 (no penalty tap, plain LoRA) on packed rows of --seq tokens.
   2. Packing vs padding on a length-skewed dataset (90% short answers, 10% long), same micro-batch.
---variants picks a subset; --gradient_checkpointing applies to every variant (a 7B model needs it for the
-padded batches of 8 at seq 2048 on one 80 GB GPU). On CUDA the model is built on the GPU and saved in the
-training dtype, so a 7B checkpoint takes 13.5 GB on disk rather than 27.
+--variants picks a subset; --checkpointing off,on runs each variant without and with activation checkpointing
+(--gradient_checkpointing, which engages: the launcher trains every module in train mode) and reports both, so the
+memory it saves and the time it costs come from the same session. On CUDA the model is built on the GPU and saved
+in the training dtype, so a 7B checkpoint takes 13.5 GB on disk rather than 27. Peak memory: the GPU's
+max_memory_allocated, or the process's max RSS on CPU (what the launcher logs as peak_mem_gb).
+
+    python bench/bench_launcher.py --variants pack --checkpointing off,on --rounds 1   # checkpointing's effect, CPU
 """
 import argparse
 import json
@@ -71,7 +75,7 @@ def run(root: Path, name: str, args, **flags):
            "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0", "--clora_k", str(args.hidden // 8),
            "--logging_steps", "2", "--save_steps", "0", "--learning_rate", "1e-4", "--max_steps", str(args.steps),
            "--target_modules", "q_proj,k_proj,v_proj,up_proj,down_proj", "--attn_implementation", args.attn]
-    cmd += (["--bf16"] if args.bf16 else []) + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    cmd += ["--bf16"] if args.bf16 else []
     for k, v in flags.items():
         cmd += [f"--{k}", str(v)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -99,7 +103,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=0, help="model vocabulary (default: the tokenizer's 300)")
     ap.add_argument("--llama2_7b", action="store_true", help="hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000")
     ap.add_argument("--attn", default="auto", help="--attn_implementation passed to the launcher")
-    ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--checkpointing", default="off", help="comma-separated off,on: run every variant without / with "
+                    "activation checkpointing")
+    ap.add_argument("--gradient_checkpointing", action="store_true", help="same as --checkpointing on")
     ap.add_argument("--variants", default="lora,clora,pad,pack", help="comma-separated subset of lora,clora,pad,pack")
     ap.add_argument("--pad_batch", type=int, default=8, help="examples per micro-batch when padding")
     ap.add_argument("--pack_batch", type=int, default=4, help="packed rows per micro-batch")
@@ -113,6 +119,9 @@ def main():
     unknown = set(wanted) - {"lora", "clora", "pad", "pack"}
     if unknown:
         ap.error(f"--variants: unknown {sorted(unknown)}")
+    modes = ["on"] if args.gradient_checkpointing else args.checkpointing.split(",")
+    if not modes or set(modes) - {"on", "off"}:
+        ap.error("--checkpointing: give off, on or off,on")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMPDIR")) as tmp:
         root = Path(tmp)
@@ -121,7 +130,7 @@ def main():
         print(f"# launch/train.py throughput on {device}, torch {torch.__version__}: hidden {args.hidden}, "
               f"intermediate {args.intermediate}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
               f"vocab {max(args.vocab, 300)}, seq {args.seq}, {'bf16' if args.bf16 else 'fp32'}, r=32, k={args.hidden // 8}, "
-              f"attn {args.attn}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; one process, "
+              f"attn {args.attn}, activation checkpointing {'/'.join(modes)}; one process, "
               f"ZeRO-2 config, {args.steps} steps, median of logging windows after the first\n")
         variants = {  # name: (data, flags)
             "lora": ("long", {"packing": "true", "clora_lambda": 0, "per_device_train_batch_size": 1}),
@@ -129,32 +138,42 @@ def main():
             "pad": ("skewed", {"per_device_train_batch_size": args.pad_batch}),
             "pack": ("skewed", {"packing": "true", "per_device_train_batch_size": args.pack_batch}),
         }
-        variants = {name: v for name, v in variants.items() if name in wanted}
+        variants = {(name, mode): (variants[name][0], {**variants[name][1],
+                                                       **({"gradient_checkpointing": "true"} if mode == "on" else {})})
+                    for name in wanted for mode in modes}  # in the order asked: what matters most runs first
         # rounds interleave the variants, so a slow spell of the machine hits all of them alike
-        got = {name: [] for name in variants}
+        got = {key: [] for key in variants}
         for r in range(args.rounds):
-            for name, (data, flags) in variants.items():
-                got[name].append(run(root, f"{name}-{r}", args, train_file=root / f"{data}.jsonl", **flags))
-                print(f"  done {name} round {r}: {got[name][-1][0]:.0f} tokens/s", file=sys.stderr, flush=True)
-        tok = {name: statistics.median(t for t, _ in runs) for name, runs in got.items()}
-        mem = {name: max(m for _, m in runs) for name, runs in got.items()}
+            for (name, mode), (data, flags) in variants.items():
+                got[name, mode].append(run(root, f"{name}-{mode}-{r}", args, train_file=root / f"{data}.jsonl", **flags))
+                print(f"  done {name} (checkpointing {mode}) round {r}: {got[name, mode][-1][0]:.0f} tokens/s, "
+                      f"{got[name, mode][-1][1]:.2f} GiB", file=sys.stderr, flush=True)
+        tok = {key: statistics.median(t for t, _ in runs) for key, runs in got.items()}
+        mem = {key: max(m for _, m in runs) for key, runs in got.items()}
         print(f"rounds: {args.rounds} (each cell: median over rounds of each run's median); "
               f"loadavg at end {os.getloadavg()[0]:.2f}\n")
-        print("| variant | data | attention | real tokens/s | per round | peak mem GB | ratio |\n|---|---|---|---:|---|---:|---:|")
-
-        def row(name, label, data, ratio):
-            if name in got:
-                rounds = ", ".join(f"{t:.0f}" for t, _ in got[name])
-                print(f"| {label} | {data} | {attention_used(root / f'{name}-0')} | {tok[name]:.0f} | {rounds} | "
-                      f"{mem[name]:.2f} | {ratio} |")
-
-        row("lora", "λ=0 (plain LoRA), 1 row/micro-batch", "packed long rows", "1.000")
-        row("clora", "CLoRA λ=1, 1 row/micro-batch", "packed long rows",
-            f"step time {tok['lora'] / tok['clora']:.3f}× of LoRA" if "lora" in tok and "clora" in tok else "")
-        row("pad", f"padding, {args.pad_batch} examples/micro-batch", "skewed", "1.000")
-        row("pack", f"packing, {args.pack_batch} rows of <= {args.seq} tokens/micro-batch", "skewed",
-            f"{tok['pack'] / tok['pad']:.2f}×" if "pad" in tok and "pack" in tok else "")
-
+        print("| variant | data | attention | act. ckpt | real tokens/s | per round | peak mem GiB | ratio |\n"
+              "|---|---|---|---|---:|---|---:|---:|")
+        labels = {"lora": ("λ=0 (plain LoRA), 1 row/micro-batch", "packed long rows"),
+                  "clora": ("CLoRA λ=1, 1 row/micro-batch", "packed long rows"),
+                  "pad": (f"padding, {args.pad_batch} examples/micro-batch", "skewed"),
+                  "pack": (f"packing, {args.pack_batch} rows of <= {args.seq} tokens/micro-batch", "skewed")}
+        for mode in modes:
+            for name in ("lora", "clora", "pad", "pack"):
+                if (name, mode) not in got:
+                    continue
+                ratio = "1.000"
+                if name == "clora" and ("lora", mode) in tok:
+                    ratio = f"step time {tok['lora', mode] / tok['clora', mode]:.3f}× of LoRA"
+                elif name == "pack" and ("pad", mode) in tok:
+                    ratio = f"{tok['pack', mode] / tok['pad', mode]:.2f}× padding"
+                if mode == "on" and (name, "off") in got:
+                    ratio += (f"; vs off: {tok[name, 'on'] / tok[name, 'off']:.2f}× tokens/s, "
+                              f"{mem[name, 'on'] / mem[name, 'off']:.2f}× memory")
+                rounds = ", ".join(f"{t:.0f}" for t, _ in got[name, mode])
+                label, data = labels[name]
+                print(f"| {label} | {data} | {attention_used(root / f'{name}-{mode}-0')} | {mode} | {tok[name, mode]:.0f} | "
+                      f"{rounds} | {mem[name, mode]:.2f} | {ratio} |")
 
 if __name__ == "__main__":
     main()
