@@ -28,6 +28,7 @@ import torch
 from .errors import DataError
 
 IGNORE_INDEX = -100
+TOKENIZATION_VERSION = 2  # part of the tokenized-data cache key: bump whenever tokenize_pieces changes its output
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -216,14 +217,23 @@ def loss_token_count(labels) -> int:
 
 
 def tokenize_pieces(tokenizer, pieces: List[Tuple[str, bool]], max_len: int, train_on_prompt: bool) -> Dict[str, list]:
-    """[bos] piece... [eos], labels IGNORE_INDEX outside responses (and on bos, always). Truncated to max_len."""
-    ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
-    for text, is_response in pieces:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        labels += piece if (is_response or train_on_prompt) else [IGNORE_INDEX] * len(piece)
-    ids.append(tokenizer.eos_token_id)
-    labels.append(tokenizer.eos_token_id)
+    """[bos] text [eos] with labels IGNORE_INDEX outside responses (and on bos, always); truncated to max_len.
+
+    The text is tokenized whole, as LLM-Adapters' finetune.py and every inference tool (generation from the prompt,
+    lm-eval's continuation scoring, vLLM) tokenize it; a piece's tokens are those between the token counts of the
+    text up to its start and up to its end. Tokenizing pieces separately would give a response a leading-space
+    token ("▁the" after "Response:\n") that the model never meets when the prompt and answer are one string.
+    """
+    ids = tokenizer("".join(t for t, _ in pieces), add_special_tokens=False)["input_ids"]
+    labels, text, start = [], "", 0
+    for piece, is_response in pieces:
+        text += piece
+        end = len(ids) if len(text) == sum(len(t) for t, _ in pieces) else \
+            len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        labels += ids[start:end] if (is_response or train_on_prompt) else [IGNORE_INDEX] * (end - start)
+        start = end
+    ids = [tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] + labels + [tokenizer.eos_token_id]
     full_len = len(ids)
     return {"input_ids": ids[:max_len], "labels": labels[:max_len], "full_length": full_len}
 
@@ -283,7 +293,7 @@ def tokenize_records(records, where, tokenizer, dataset_format, max_len, train_o
     cache = None
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        key = f"{ds._fingerprint}-{tokenizer_fingerprint(tokenizer)}-{fmt}-{max_len}-{int(train_on_prompt)}"
+        key = f"v{TOKENIZATION_VERSION}-{ds._fingerprint}-{tokenizer_fingerprint(tokenizer)}-{fmt}-{max_len}-{int(train_on_prompt)}"
         cache = str(Path(cache_dir) / f"tokenized-{key}.arrow")
     ds = ds.map(encode, remove_columns=ds.column_names, cache_file_name=cache, load_from_cache_file=cache is not None,
                 desc="tokenizing")
