@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["clora_ds", "clora_ds.*"]),
+    # lm-eval task templates and the accuracy metric module, loaded by path (nothing fetched)
+    package_data={"clora_ds.evaluation": ["lm_eval_tasks/*", "metrics/accuracy/*.py"]},
     install_requires=[
         # torch is pinned by the user's environment (CUDA build on clusters); any 2.4+ works
         "torch>=2.4",
@@ -28,7 +30,7 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "qlora": ["bitsandbytes>=0.44"],
-        "eval": ["evaluate>=0.4", "matplotlib>=3.8"],
-        "dev": ["pytest>=8", "matplotlib>=3.8", "evaluate>=0.4"],
+        "eval": ["evaluate>=0.4", "matplotlib>=3.8", "lm_eval>=0.4.9"],
+        "dev": ["pytest>=8", "matplotlib>=3.8", "evaluate>=0.4", "lm_eval>=0.4.9"],
     },
 )

@@ -29,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from model_shapes import add_shape_args, apply_shapes  # noqa: E402
 
 
 def build(root: Path, model_dir: Path, args):
@@ -91,17 +94,10 @@ def attention_used(out: Path) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1376)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv_heads", type=int, default=4)
+    add_shape_args(ap)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=0, help="model vocabulary (default: the tokenizer's 300)")
-    ap.add_argument("--llama2_7b", action="store_true", help="hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000")
     ap.add_argument("--attn", default="auto", help="--attn_implementation passed to the launcher")
     ap.add_argument("--checkpointing", default="off", help="comma-separated off,on: run every variant without / with "
                     "activation checkpointing")
@@ -111,8 +107,7 @@ def main():
     ap.add_argument("--pack_batch", type=int, default=4, help="packed rows per micro-batch")
     ap.add_argument("--model_dir", help="build the model here, or reuse the one already here (default: a temp dir)")
     args = ap.parse_args()
-    if args.llama2_7b:
-        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 4096, 11008, 32, 32, 32, 32000
+    apply_shapes(args)
     import torch
 
     wanted = args.variants.split(",")

@@ -4,8 +4,10 @@
 #   bash bench/gpu_checks.sh                 # on the GPU machine, from the repo root (wheels it lacks in .whl/)
 #   BENCH="--hidden 256 --intermediate 688 --layers 2 --seq 1024" bash bench/gpu_checks.sh   # a small dry run
 #
-# 1. tests/test_gpu.py (bf16 penalty, packed rows vs fp64, the launcher on one GPU); also JIT-builds FusedAdam
-# 2. bench_launcher.py at LLaMA-2-7B shapes: packing and padding, activation checkpointing off and on
+# CHECKS picks (default all, in this order):
+#   tests     tests/test_gpu.py (bf16 penalty, packed rows vs fp64, the launcher on one GPU); JIT-builds FusedAdam
+#   launcher  bench_launcher.py at LLaMA-2-7B shapes: packing and padding, activation checkpointing off and on
+#   eval      bench_eval.py at LLaMA-2-7B shapes: batched vs one-at-a-time generation, lm-eval on 1,000 items
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_checks}"
 mkdir -p "$OUT"
@@ -19,8 +21,17 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU";
   python3 -c "import torch, transformers, peft, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'deepspeed', deepspeed.__version__)"; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
-timeout "${TEST_LIMIT:-200}" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs > "$OUT/test_gpu.txt" 2>&1
-echo "test_gpu: exit $?"; tail -6 "$OUT/test_gpu.txt"
-timeout "${BENCH_LIMIT:-330}" python3 bench/bench_launcher.py ${BENCH:---llama2_7b --bf16} --rounds 1 --steps 6 \
-  --variants pack,pad --checkpointing off,on --model_dir /tmp/bench_model > "$OUT/bench_launcher.txt" 2>&1
-echo "bench_launcher: exit $?"; tail -14 "$OUT/bench_launcher.txt"
+CHECKS="${CHECKS:-tests,launcher,eval}"
+if [[ ",$CHECKS," == *,tests,* ]]; then
+  timeout "${TEST_LIMIT:-200}" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs > "$OUT/test_gpu.txt" 2>&1
+  echo "test_gpu: exit $?"; tail -6 "$OUT/test_gpu.txt"
+fi
+if [[ ",$CHECKS," == *,launcher,* ]]; then
+  timeout "${BENCH_LIMIT:-330}" python3 bench/bench_launcher.py ${BENCH:---llama2_7b --bf16} --rounds 1 --steps 6 \
+    --variants pack,pad --checkpointing off,on --model_dir /tmp/bench_model > "$OUT/bench_launcher.txt" 2>&1
+  echo "bench_launcher: exit $?"; tail -14 "$OUT/bench_launcher.txt"
+fi
+if [[ ",$CHECKS," == *,eval,* ]]; then
+  timeout "${EVAL_LIMIT:-300}" python3 bench/bench_eval.py ${EVAL_BENCH:---llama2_7b --bf16} > "$OUT/bench_eval.txt" 2>&1
+  echo "bench_eval: exit $?"; grep -E "^(#|\|)" "$OUT/bench_eval.txt"
+fi

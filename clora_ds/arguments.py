@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 from .config import CLoRAConfig
 from .ds_config import HF_SCHEDULERS, MONITORS
 from .errors import ConfigError
+from .run_dir import BEST_METRICS
 
 ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
 DATASET_FORMATS = ("auto", "alpaca", "commonsense", "metamath", "messages")
@@ -71,7 +72,8 @@ class TrainArguments:
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N complete checkpoints (older complete ones are deleted)."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps (metrics.jsonl, progress bar, monitors)."})
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_file; default: at the end only)."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_file; default: at the end only): eval loss, and multiple-choice accuracy by log-likelihood when the eval file is a commonsense task."})
+    save_best_metric: Optional[str] = field(default=None, metadata={"help": "eval_loss | eval_accuracy: keep the best checkpoint by this metric besides the newest (within --save_total_limit, which must then be >= 2); needs --eval_steps dividing --save_steps."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint-STEP path, or auto (the newest complete checkpoint in output_dir; starts fresh, and says so, when there is none). The checkpoint must have been trained with the same settings."})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb | csv (comma-separated for several): DeepSpeed's monitor."})
     profile_steps: Optional[str] = field(default=None, metadata={"help": "Profile optimizer steps A-B (1-based, e.g. 6-7) with torch.profiler on rank 0: OUTPUT_DIR/profile/ gets a Chrome trace and the top ops by time."})
@@ -155,6 +157,14 @@ def argument_problems(model: ModelArguments, data: DataArguments, clora_args, tr
         problems.append(f"--profile_steps {train.profile_steps!r}: give A-B with 1 <= A <= B (e.g. 6-7)")
     if train.eval_steps is not None and not data.eval_file:
         problems.append("--eval_steps needs --eval_file")
+    if train.save_best_metric is not None:
+        if train.save_best_metric not in BEST_METRICS:
+            problems.append(f"--save_best_metric {train.save_best_metric!r}: choose {' or '.join(BEST_METRICS)}")
+        if not train.eval_steps or (train.save_steps and train.save_steps % train.eval_steps):
+            problems.append("--save_best_metric needs --eval_steps, and --save_steps a multiple of it (every checkpoint "
+                            "is then evaluated)")
+        if train.save_total_limit is not None and train.save_total_limit < 2:
+            problems.append("--save_best_metric needs --save_total_limit >= 2 (the best and the newest) or no limit")
     if train.resume_from_checkpoint and train.overwrite_output_dir:
         problems.append("--resume_from_checkpoint and --overwrite_output_dir contradict each other: continue the run in "
                         "--output_dir or replace it, not both")

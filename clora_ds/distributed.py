@@ -54,23 +54,21 @@ def any_rank(flag: bool) -> bool:
     return t.item() > 0
 
 
-def gather_texts(text: str, limit: int = 4000) -> List[str]:
-    """Every rank's ``text`` (UTF-8, cut at ``limit`` bytes), in rank order, on every rank; no pickling."""
+def gather_texts(text: str) -> List[str]:
+    """Every rank's ``text`` (any length), in rank order, on every rank; sent as UTF-8 bytes, never pickled."""
     if not dist.is_initialized():
         return [text]
-    data = text.encode()[:limit]
-    buf = torch.zeros(limit + 4, dtype=torch.uint8, device=collective_device())
-    buf[:4] = torch.tensor(list(len(data).to_bytes(4, "little")), dtype=torch.uint8)
-    if data:
-        buf[4:4 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    out = [torch.empty_like(buf) for _ in range(world_size())]
+    device = collective_device()
+    encoded = text.encode()
+    data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8) if encoded else torch.zeros(0, dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    longest = max(int(n.item()) for n in sizes)
+    buf = torch.zeros(max(longest, 1), dtype=torch.uint8, device=device)
+    buf[:data.numel()] = data.to(device)
+    out = [torch.empty_like(buf) for _ in sizes]
     dist.all_gather(out, buf)
-    texts = []
-    for t in out:
-        raw = bytes(t.cpu().tolist())
-        n = int.from_bytes(raw[:4], "little")
-        texts.append(raw[4:4 + n].decode(errors="replace"))
-    return texts
+    return [t[:int(n.item())].cpu().numpy().tobytes().decode(errors="replace") for t, n in zip(out, sizes)]
 
 
 def on_rank0(fn: Callable[[], T]) -> Optional[T]:

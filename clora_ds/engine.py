@@ -59,6 +59,8 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
     metrics = MetricsLog(out)
     progress = StepLog(engine, model.clora, batches, metrics, total_steps, start_step, train_args.logging_steps)
     profiler = StepProfiler(train_args.profile_steps, out)
+    evaluated: dict = {}  # step -> the metrics of the evaluation at that step (recorded in its checkpoint)
+    keep = dict(best_metric=train_args.save_best_metric, protect=tuple(p for p in [plan.start.resume] if p))
     try:
         for step in range(start_step, total_steps):
             profiler.before(step)
@@ -69,16 +71,17 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
             if done == total_steps:
                 break
             if plan.eval_examples and train_args.eval_steps and done % train_args.eval_steps == 0:
-                log_evaluation(engine, plan, train_args, done, metrics)
+                evaluated[done] = log_evaluation(engine, plan, train_args, done, metrics)
             if train_args.save_steps and done % train_args.save_steps == 0:
-                save_training_checkpoint(engine, out, done, trainer_state(plan, done), plan.clora, train_args.save_total_limit)
+                save_training_checkpoint(engine, out, done, trainer_state(plan, done, evaluated.get(done)), plan.clora,
+                                         train_args.save_total_limit, **keep)
     finally:
         progress.close()  # an error message then starts on a line of its own
 
     if plan.eval_examples:
-        log_evaluation(engine, plan, train_args, total_steps, metrics)
-    final = save_training_checkpoint(engine, out, total_steps, trainer_state(plan, total_steps), plan.clora,
-                                     train_args.save_total_limit)
+        evaluated[total_steps] = log_evaluation(engine, plan, train_args, total_steps, metrics)
+    final = save_training_checkpoint(engine, out, total_steps, trainer_state(plan, total_steps, evaluated.get(total_steps)),
+                                     plan.clora, train_args.save_total_limit, **keep)
     adapter = out / ADAPTER_DIR  # what `clora-ds-convert OUT/checkpoint-STEP` writes: one code path
     on_rank0(lambda: convert_checkpoint(final, adapter, overwrite=True, log=log))
     metrics.close()
@@ -139,11 +142,13 @@ class StepLog:
         self.bar.close()
 
 
-def trainer_state(plan: RunPlan, step: int) -> dict:
-    """trainer_state.json of a checkpoint: the position in the run and the run's identity (what resume compares)."""
+def trainer_state(plan: RunPlan, step: int, metrics: Optional[dict] = None) -> dict:
+    """trainer_state.json of a checkpoint: the position in the run, the evaluation at this step (what
+    --save_best_metric compares) and the run's identity (what resume compares)."""
     batches = plan.batches
     return {"step": step, "epoch": step / batches.steps_per_epoch, "global_batch": batches.global_batch,
-            "packing": batches.packed, "steps_per_epoch": batches.steps_per_epoch, "run": plan.identity}
+            "packing": batches.packed, "steps_per_epoch": batches.steps_per_epoch, "metrics": metrics or {},
+            "run": plan.identity}
 
 
 def evaluate(engine, examples, batch_size: int, pad_id: int) -> float:
@@ -164,10 +169,22 @@ def evaluate(engine, examples, batch_size: int, pad_id: int) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def log_evaluation(engine, plan: RunPlan, train_args, step: int, metrics: MetricsLog) -> None:
-    loss = evaluate(engine, plan.eval_examples, train_args.per_device_eval_batch_size, plan.pad_id)
-    log(f"step {step}: eval loss {loss:.4f}")
-    metrics.write({"step": step, "eval_loss": loss})
+def log_evaluation(engine, plan: RunPlan, train_args, step: int, metrics: MetricsLog) -> dict:
+    """Eval loss, and multiple-choice accuracy by log-likelihood for a commonsense eval file; logged everywhere."""
+    row = {"eval_loss": evaluate(engine, plan.eval_examples, train_args.per_device_eval_batch_size, plan.pad_id)}
+    if plan.eval_choice:
+        from .evaluation.choice import multiple_choice_accuracy
+
+        engine.eval()
+        records, protocol = plan.eval_choice
+        row["eval_accuracy"] = multiple_choice_accuracy(engine, plan.tokenizer, records, protocol,
+                                                        train_args.per_device_eval_batch_size, engine.device).accuracy
+        engine.train()
+    log(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items()))
+    metrics.write({"step": step, **row})
+    if engine.monitor.enabled:
+        engine.monitor.write_events([(f"Eval/{k[len('eval_'):]}", v, step) for k, v in row.items()])
+    return row
 
 
 def peak_memory_gb() -> float:

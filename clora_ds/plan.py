@@ -37,6 +37,7 @@ class RunPlan:
     attention: str
     train_data: TokenizedData
     eval_examples: Optional[list]
+    eval_choice: Optional[tuple]  # (records, protocol) of a commonsense eval file: multiple-choice accuracy
     batches: GlobalBatches
     total_steps: int
     ds_config: dict
@@ -48,6 +49,18 @@ class RunPlan:
         """What OUT/train_config.json records."""
         return {"arguments": arguments_dict(*argument_groups), "deepspeed": self.ds_config, "world_size": self.world,
                 "attention": self.attention, "run": self.identity}
+
+
+def choice_task(path: str) -> Optional[tuple]:
+    """(records, protocol) when the eval file is a commonsense task (LLM-Adapters labels), else None."""
+    from .evaluation.protocols import Commonsense, protocol_for
+
+    records = load_records(path)
+    try:
+        protocol = protocol_for(records, path)
+    except UserError:
+        return None
+    return (records, protocol) if isinstance(protocol, Commonsense) else None
 
 
 def _tokenize(path: str, data: DataArguments, tokenizer, cache_dir: Path) -> TokenizedData:
@@ -80,13 +93,14 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
     if hf_config is not None and clora is not None:
         problems += target_problems(hf_config, clora, model.trust_remote_code)
 
-    train_data = eval_examples = batches = None
+    train_data = eval_examples = eval_choice = batches = None
     if tokenizer is not None and data.max_seq_length >= 8:
         cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
         try:
             train_data = _tokenize(data.train_file, data, tokenizer, cache_dir)
             if data.eval_file:
                 eval_examples = _tokenize(data.eval_file, data, tokenizer, cache_dir).examples
+                eval_choice = choice_task(data.eval_file)
         except UserError as err:
             problems.append(str(err))
     pad_id = None
@@ -154,5 +168,6 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
         notes.append(f"packed {len(train_data.examples)} examples into {len(batches.units)} rows of <= "
                      f"{data.max_seq_length} tokens")
     return RunPlan(start=start, clora=clora, hf_config=hf_config, tokenizer=tokenizer, pad_id=pad_id, attention=attention,
-                   train_data=train_data, eval_examples=eval_examples, batches=batches, total_steps=total_steps,
+                   train_data=train_data, eval_examples=eval_examples, eval_choice=eval_choice, batches=batches,
+                   total_steps=total_steps,
                    ds_config=ds_config, identity=identity, world=world, notes=notes)

@@ -44,6 +44,7 @@ RNG_FILE = "rng_state_{rank}.pt"
 RUN_ARTIFACTS = (METRICS_FILE, TRAIN_CONFIG_FILE, ADAPTER_DIR, LOSS_CURVE_FILE, "profile", "monitor", "peft_adapter",
                  "zero_to_fp32.py", "zero_to_torch.py")  # the last two: DeepSpeed's recovery scripts, copied on save
 DELETING_PREFIX = ".deleting-"
+BEST_METRICS = {"eval_loss": min, "eval_accuracy": max}  # --save_best_metric -> which value is best
 
 
 def list_checkpoints(output_dir: Path, complete_only: bool = True) -> List[Tuple[int, Path]]:
@@ -326,7 +327,32 @@ def _save_failure(err: BaseException, directory: Path) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def save_training_checkpoint(engine, output_dir: Path, step: int, state: dict, clora, save_total_limit: Optional[int]) -> Path:
+def retained_checkpoints(output_dir: Path, limit: Optional[int], best_metric: Optional[str] = None,
+                         protect: Tuple[Path, ...] = ()) -> List[Path]:
+    """The complete checkpoints --save_total_limit keeps: the newest, the best by ``best_metric`` (recorded in each
+    checkpoint's trainer_state.json), the protected ones (the checkpoint this process resumed from), then the newest
+    others up to ``limit``. Everything else may be deleted."""
+    done = list_checkpoints(output_dir)
+    if limit is None or not done:
+        return [p for _, p in done]
+    keep = [done[-1][1]]
+    if best_metric:
+        scored = [(read_trainer_state(p).get("metrics", {}).get(best_metric), s, p) for s, p in done]
+        scored = [(v, s, p) for v, s, p in scored if isinstance(v, (int, float))]
+        if scored:
+            pick = BEST_METRICS[best_metric]
+            best = pick(scored, key=lambda t: (t[0], t[1] if pick is max else -t[1]))  # ties: the newest
+            keep.append(best[2])
+    keep += [p for p in protect if p in {q for _, q in done}]
+    for _, p in reversed(done):
+        if len(set(keep)) >= limit:
+            break
+        keep.append(p)
+    return sorted(set(keep), key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def save_training_checkpoint(engine, output_dir: Path, step: int, state: dict, clora, save_total_limit: Optional[int],
+                             best_metric: Optional[str] = None, protect: Tuple[Path, ...] = ()) -> Path:
     """Every rank calls this. COMPLETE is written by rank 0 after every rank's files are written and synced.
 
     A rank that cannot write (disk full, quota) does not leave the others waiting: every rank meets at DeepSpeed's
@@ -371,8 +397,9 @@ def save_training_checkpoint(engine, output_dir: Path, step: int, state: dict, c
     if rank() == 0:
         _fsync_tree(ckpt)
         _write_atomic(ckpt / COMPLETE_MARKER, f"{step}\n")
-        if save_total_limit is not None:
-            for _, old in list_checkpoints(output_dir)[:-save_total_limit]:
+        keep = set(retained_checkpoints(output_dir, save_total_limit, best_metric, protect))
+        for _, old in list_checkpoints(output_dir):
+            if old not in keep:
                 remove_checkpoint(old)
     barrier()
     fault_point("kill_after_save", step)

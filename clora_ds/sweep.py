@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
+from .evaluation.report import in_domain_average, lm_eval_average, read_results
 from .run_dir import METRICS_FILE, TRAIN_CONFIG_FILE, read_metrics, read_train_config
 
 ATTEMPTS_FILE = "slurm_attempts.jsonl"  # one JSON line per job attempt, appended by launch/slurm/train.sbatch
@@ -33,10 +34,12 @@ class SweepRun:
     wall_s: Optional[float]
     adapter: Path
     eval_loss: Optional[float] = None
+    evaluation: Optional[dict] = None  # this run's entry of ROOT/eval/eval_results.json (launch/evaluate.py --sweep_dir)
 
 
-def collect_sweep(root: Union[str, Path]) -> Tuple[List[SweepRun], List[Tuple[str, str]]]:
-    """(finished runs, [(run, why it is not in the table)]), CLoRA runs by k first, the λ = 0 baseline last."""
+def collect_sweep(root: Union[str, Path]):
+    """(finished runs, [(run, why it is not in the table)], the base model's evaluation or None): CLoRA runs by k
+    first, the λ = 0 baseline last; each run carries its evaluation when ROOT/eval/eval_results.json has one."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such sweep directory")
@@ -56,7 +59,10 @@ def collect_sweep(root: Union[str, Path]) -> Tuple[List[SweepRun], List[Tuple[st
             penalty=last["penalty"], R=last["R"], steps=last["step"], wall_s=_wall_seconds(run_dir), adapter=adapter,
             eval_loss=max(evals, key=lambda r: r["step"])["eval_loss"] if evals else None))
     finished.sort(key=lambda r: (r.lam == 0, r.k, r.name))
-    return finished, pending
+    evaluated = read_results(root / "eval") or {}
+    for run in finished:
+        run.evaluation = evaluated.get("models", {}).get(run.name)
+    return finished, pending, evaluated.get("models", {}).get("base")
 
 
 def _wall_seconds(run_dir: Path) -> Optional[float]:
@@ -74,21 +80,39 @@ def _clock(seconds: Optional[float]) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def format_sweep_table(runs: List[SweepRun]) -> str:
-    """A Markdown table, one row per finished run."""
+def format_sweep_table(runs: List[SweepRun], base: Optional[dict] = None) -> str:
+    """A Markdown table, one row per finished run; with an evaluation, its in-domain average, lm-eval average (and
+    change from the base model), F and subspace leakage too."""
     with_eval = any(r.eval_loss is not None for r in runs)
+    evaluated = any(r.evaluation for r in runs)
     header = ["run", "k", "λ", "final loss"] + (["eval loss"] if with_eval else []) + \
-             ["penalty λ·R", "R", "steps", "wall time", "adapter"]
+             ["penalty λ·R", "R", "steps", "wall time"] + \
+             (["in-domain acc", "lm-eval (Δ base)", "F", "leakage_in"] if evaluated else []) + ["adapter"]
     lines = []
     for r in runs:
         k = "-" if r.lam == 0 and r.name == BASELINE_RUN else str(r.k)
         cells = [r.name, k, f"{r.lam:g}", f"{r.final_loss:.4f}"] + \
                 ([f"{r.eval_loss:.4f}" if r.eval_loss is not None else "-"] if with_eval else []) + \
-                [f"{r.penalty:.4g}", f"{r.R:.4g}", str(r.steps), _clock(r.wall_s), str(r.adapter)]
-        lines.append(cells)
+                [f"{r.penalty:.4g}", f"{r.R:.4g}", str(r.steps), _clock(r.wall_s)]
+        if evaluated:
+            e = r.evaluation or {}
+            acc, lm = in_domain_average(e) if e else None, lm_eval_average(e) if e else None
+            lm_base = lm_eval_average(base) if base else None
+            weights = e.get("weights") or {}
+            cells += [f"{100 * acc:.2f}" if acc is not None else "-",
+                      (f"{100 * lm:.2f}" + (f" ({100 * (lm - lm_base):+.2f})" if lm_base is not None else "")) if lm is not None else "-",
+                      f"{weights['F']:.4g}" if weights.get("F") is not None else "-",
+                      f"{weights['leakage_in']:.4g}" if weights.get("leakage_in") is not None else "-"]
+        lines.append(cells + [str(r.adapter)])
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(header)]
 
     def row(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
-    return "\n".join([row(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [row(c) for c in lines])
+    table = [row(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [row(c) for c in lines]
+    if evaluated and base:
+        acc, lm = in_domain_average(base), lm_eval_average(base)
+        table.append(f"\nbase model: in-domain acc {100 * acc:.2f}" if acc is not None else "\nbase model:")
+        if lm is not None:
+            table[-1] += f", lm-eval {100 * lm:.2f}"
+    return "\n".join(table)

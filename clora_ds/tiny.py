@@ -41,6 +41,46 @@ def sample_records(n: int = 256, seed: int = 0) -> List[dict]:
     return records
 
 
+FRUITS = ["apple", "pear", "grape", "lemon", "mango", "peach", "plum", "melon", "cherry", "olive"]
+ANIMALS = ["tiger", "horse", "zebra", "eagle", "snake", "mouse", "otter", "camel", "whale", "goose"]
+
+
+def fact_record(word: str, kind: str) -> dict:
+    """One commonsense-format question (LLM-Adapters layout) about whether ``word`` is a fruit: asked as boolq asks
+    (kind "bool": true/false) or as winogrande asks (kind "option": option1 = fruit, option2 = animal)."""
+    fruit = word in FRUITS
+    article = "an" if word[0] in "aeiou" else "a"
+    if kind == "bool":
+        answer = "true" if fruit else "false"
+        instruction = (f"Please answer the following question with true or false, question: is {word} a fruit?\n\n"
+                       "Answer format: true/false")
+    else:
+        answer = "option1" if fruit else "option2"
+        instruction = (f"Please choose the correct answer to fill in the blank to complete the given sentence: {article} {word} "
+                       "is a _\n\nOption1: fruit Option2: animal Answer format: option1/option2")
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+def fact_splits(seed: int = 0, held_out_per_class: int = 3, repeat: int = 8):
+    """(train, test) records of the demo's small world of facts (which of 20 words are fruits). Train: the true/false
+    question for every word, the option question for all but ``held_out_per_class`` fruits and animals (each repeated
+    ``repeat`` times). Test: both questions for the held-out words; the option ones ask a fact the adapter was taught
+    only in the other format. A base model never answers in either format."""
+    rng = random.Random(seed)
+    held = set(rng.sample(FRUITS, held_out_per_class) + rng.sample(ANIMALS, held_out_per_class))
+    train = [fact_record(w, "bool") for w in FRUITS + ANIMALS] + \
+            [fact_record(w, "option") for w in FRUITS + ANIMALS if w not in held]
+    test = [fact_record(w, kind) for w in sorted(held) for kind in ("option", "bool")]
+    return train * repeat, test
+
+
+def write_jsonl(path: Union[str, Path], records: List[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def write_sample_data(path: Union[str, Path], n: int = 256, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +114,7 @@ def train_tokenizer(texts: List[str], output_dir: Union[str, Path], vocab_size: 
     corpus.unlink()
     (output_dir / "tokenizer.vocab").unlink(missing_ok=True)
     # transformers 5: LlamaTokenizer(vocab_file=...) builds an empty tokenizer; from_pretrained converts.
-    tokenizer = LlamaTokenizer.from_pretrained(str(output_dir))
+    tokenizer = LlamaTokenizer.from_pretrained(str(output_dir), add_bos_token=True)  # as LLaMA's own tokenizers
     tokenizer.save_pretrained(str(output_dir))
     return tokenizer
 
@@ -91,6 +131,24 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **{**TINY_LLAMA, **overrides})
     return LlamaForCausalLM(config)
+
+
+def make_demo_assets(root: Union[str, Path], seed: int = 0) -> dict:
+    """The demo's assets under ``root``: data/train.jsonl and data/test.jsonl (``fact_splits``), a tokenizer and a
+    tiny random LLaMA whose output layer is scaled up (initializer_range 0.1, lm_head x 20). With the default init
+    (std 0.02) a frozen random output layer caps every logit below ~1, so no adapter can lower the loss much."""
+    import torch
+
+    root = Path(root)
+    train, test = fact_splits(seed)
+    write_jsonl(root / "data" / "train.jsonl", train)
+    write_jsonl(root / "data" / "test.jsonl", test)
+    tokenizer = train_tokenizer([f"{r['instruction']} {r['output']}" for r in train + test], root / "model")
+    model = build_tiny_llama(len(tokenizer), seed, initializer_range=0.1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(str(root / "model"))
+    return {"train": root / "data" / "train.jsonl", "test": root / "data" / "test.jsonl", "model": root / "model"}
 
 
 def make_tiny_assets(root: Union[str, Path], seed: int = 0, n_records: int = 256) -> dict:

@@ -32,12 +32,15 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$job" = demo ]; then
   "$PYTHON" launch/make_demo_assets.py out/demo/assets
-  exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json \
+  "$PYTHON" -m deepspeed.launcher.runner --num_gpus 2 launch/train.py --deepspeed ds_configs/zero2.json \
     --model_name_or_path out/demo/assets/model --train_file out/demo/assets/data/train.jsonl \
-    --output_dir out/demo/run --overwrite_output_dir \
-    --max_steps 40 --per_device_train_batch_size 8 --learning_rate 2e-2 --max_seq_length 256 \
-    --lora_r 8 --lora_alpha 16 --lora_dropout 0 --clora_k 5 --clora_lambda 1 \
-    --logging_steps 5 --save_steps 20 "$@"
+    --eval_file out/demo/assets/data/test.jsonl --output_dir out/demo/run --overwrite_output_dir \
+    --max_steps 200 --per_device_train_batch_size 8 --learning_rate 1e-2 --max_seq_length 256 \
+    --lora_r 16 --lora_alpha 32 --lora_dropout 0 --target_modules all-linear --clora_k 5 --clora_lambda 1 \
+    --logging_steps 20 --save_steps 100 --eval_steps 100 "$@"
+  # the adapter against its base on the held-out split: generation, the LLM-Adapters answer extraction
+  exec "$PYTHON" launch/evaluate.py --run_dir out/demo/run --task_file facts=out/demo/assets/data/test.jsonl \
+    --output_dir out/demo/eval --overwrite
 else
   exec "$PYTHON" -m pytest tests -p no:cacheprovider -rs "$@"
 fi

@@ -328,3 +328,27 @@ def test_signals_stop_every_rank_and_resume_continues_exactly(tiny_model_dir, tm
     text = launch(tiny_model_dir, ref, ranks=1, check=False, resume_from_checkpoint="auto", **run)
     message = assert_one_error((text.returncode, text.stdout + text.stderr), "written by 2 ranks and this run has 1")
     assert tree_hash(ref) == before, message
+
+
+def test_checkpoint_retention_keeps_the_best_the_newest_and_the_resumed_one(tmp_path):
+    from clora_ds.run_dir import retained_checkpoints
+
+    def ckpt(step, loss, complete=True):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text(json.dumps({"step": step, "metrics": {"eval_loss": loss, "eval_accuracy": -loss}}))
+        if complete:
+            (d / "COMPLETE").write_text(f"{step}\n")
+        return d
+
+    c = {s: ckpt(s, loss) for s, loss in ((2, 3.0), (4, 1.0), (6, 2.0), (8, 2.5), (10, 2.2))}
+    ckpt(12, 0.1, complete=False)  # incomplete: never counted, never chosen as the best
+    names = lambda paths: [p.name for p in paths]  # noqa: E731
+    assert names(retained_checkpoints(tmp_path, 2, "eval_loss")) == ["checkpoint-4", "checkpoint-10"]
+    assert names(retained_checkpoints(tmp_path, 2, "eval_accuracy")) == ["checkpoint-4", "checkpoint-10"]
+    assert names(retained_checkpoints(tmp_path, 3, "eval_loss")) == ["checkpoint-4", "checkpoint-8", "checkpoint-10"]
+    assert names(retained_checkpoints(tmp_path, 2)) == ["checkpoint-8", "checkpoint-10"]
+    # the checkpoint this process resumed from is never deleted, even past the limit
+    assert names(retained_checkpoints(tmp_path, 2, "eval_loss", protect=(c[2],))) == \
+        ["checkpoint-2", "checkpoint-4", "checkpoint-10"]
+    assert names(retained_checkpoints(tmp_path, None)) == [f"checkpoint-{s}" for s in (2, 4, 6, 8, 10)]

@@ -23,12 +23,13 @@ from clora_ds.arguments import parse_train_arguments
 from clora_ds.errors import ConfigError
 from clora_ds.slurm import JobShape, check_job, expand_tasks_per_node, job_flags
 from clora_ds.sweep import collect_sweep, format_sweep_table
-from conftest import ROOT, child_env, run_checked
+from conftest import DATA, ROOT, child_env, run_checked
 from test_train import losses, train_args
 
 CLUSTER = ROOT / "tests" / "slurm_cluster" / "cluster.sh"
 TRAIN_SBATCH = str(ROOT / "launch" / "slurm" / "train.sbatch")
 SWEEP_SBATCH = str(ROOT / "launch" / "slurm" / "sweep.sbatch")
+EVAL_SBATCH = str(ROOT / "launch" / "slurm" / "eval.sbatch")
 CONVERTER = ROOT / "launch" / "convert_to_peft.py"
 # the adapter the job publishes: converted from the last checkpoint once the converter exists, else the launcher's
 ADAPTER = "peft_adapter" if CONVERTER.is_file() else "adapter"
@@ -116,8 +117,8 @@ def test_sweep_table_reads_finished_runs(tmp_path):
     run("k4", 4, 1.0, [row(1, 3.0, 0.5), row(2, 9.9, 9.9), row(2, 2.0, 0.125)], [(0, 50), (100, 3700)], adapter="peft_adapter")
     run("lora", 4, 0.0, [row(1, 3.0, 0.0, 0.0), row(2, 1.5, 0.0, 0.0)], [(0, 10)])
     run("k64", 64, 1.0, [row(1, 3.0, 0.5)], [], adapter=None)
-    finished, pending = collect_sweep(tmp_path)
-    assert [r.name for r in finished] == ["k4", "k16", "lora"]
+    finished, pending, base = collect_sweep(tmp_path)
+    assert [r.name for r in finished] == ["k4", "k16", "lora"] and base is None
     assert pending == [("k64", "no final adapter yet (running, queued, stopped or failed: see its slurm-*.out)")]
     lines = format_sweep_table(finished).splitlines()
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
@@ -125,6 +126,18 @@ def test_sweep_table_reads_finished_runs(tmp_path):
     assert cells[2] == ["k4", "4", "1", "2.0000", "0.125", "0.125", "2", "1:00:50", str(tmp_path / "k4" / "peft_adapter")]
     assert cells[3][:8] == ["k16", "16", "1", "2.5000", "0.25", "0.25", "2", "0:01:40"]
     assert cells[4][:8] == ["lora", "-", "0", "1.5000", "0", "0", "2", "0:00:10"]
+    # once launch/evaluate.py --sweep_dir has written ROOT/eval/eval_results.json, its columns join the table
+    (tmp_path / "eval").mkdir()
+    entry = lambda acc, lm, f, leak: {"tasks": {"t": {"accuracy": acc, "n": 10}}, "lm_eval": {"bbh": {"exact_match": lm}},  # noqa: E731
+                                      "weights": {"F": f, "leakage_in": leak}}
+    (tmp_path / "eval" / "eval_results.json").write_text(json.dumps({"models": {
+        "base": {"tasks": {"t": {"accuracy": 0.1, "n": 10}}, "lm_eval": {"bbh": {"exact_match": 0.4}}, "weights": None},
+        "k4": entry(0.8, 0.38, 0.2, 0.01), "lora": entry(0.7, 0.3, 0.5, 0.4)}}))
+    finished, _, base = collect_sweep(tmp_path)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in format_sweep_table(finished, base).splitlines()[:5]]
+    assert cells[0][8:12] == ["in-domain acc", "lm-eval (Δ base)", "F", "leakage_in"]
+    assert cells[2][8:12] == ["80.00", "38.00 (-2.00)", "0.2", "0.01"] and cells[3][8:12] == ["-", "-", "-", "-"]
+    assert cells[4][8:12] == ["70.00", "30.00 (-10.00)", "0.5", "0.4"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -334,6 +347,19 @@ def test_sweep_array_runs_k_values_and_lora_baseline(cluster, tiny_model_dir, tm
         assert (float(penalty) == 0) == (name == "lora"), table
     config = json.loads((root / "lora" / "train_config.json").read_text())["arguments"]
     assert (config["clora_lambda"], config["clora_k"]) == (0.0, 4)
+    # the evaluation as the sweep's last step: eval.sbatch after the array, by dependency
+    test_file = root / "test.jsonl"
+    test_file.write_text((DATA / "commonsense_tiny.jsonl").read_text())
+    evaluation = sbatch(cluster, EVAL_SBATCH, ["--sweep_dir", root, "--task_file", f"facts={test_file}", "--limit", "6"],
+                        f"--dependency=afterany:{job}", "--nodes=1", *CPU_JOB)
+    for rec in wait_job(cluster, evaluation):
+        assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), job_log(cluster["submit_dir"], rec["JobId"])[-6000:]
+    results = json.loads((root / "eval" / "eval_results.json").read_text())
+    assert list(results["models"]) == ["base", "k4", "k8", "lora"]
+    assert all(results["models"][n]["tasks"]["facts"]["n"] == 6 for n in results["models"])
+    assert (root / "eval" / "eval_vs_k.png").stat().st_size > 1000
+    table = run_checked([sys.executable, str(ROOT / "launch" / "slurm" / "collect_sweep.py"), str(root)]).stdout
+    assert "in-domain acc" in table and "leakage_in" in table, table
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch
 from conftest import DATA, ROOT, child_env, deepspeed_cmd, run_checked
 
 TRAIN = str(ROOT / "launch" / "train.py")
+COMMONSENSE = DATA / "commonsense_tiny.jsonl"  # eval file: eval loss and multiple-choice accuracy
 CFG = ROOT / "ds_configs"
 
 
@@ -50,8 +51,15 @@ LAYERS = 2  # the tiny LLaMA's decoder layers; one micro-batch per step in these
 @pytest.fixture(scope="module")
 def single(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
-    launch(tiny_model_dir, out, ranks=1, profile_steps="2")
+    launch(tiny_model_dir, out, ranks=1, profile_steps="2", eval_file=COMMONSENSE)
     return out
+
+
+def evaluations(out):
+    """{step: eval row} of a run's metrics.jsonl."""
+    from clora_ds.run_dir import read_metrics
+
+    return {step: row for (step, kind), row in read_metrics(Path(out) / "metrics.jsonl").items() if kind == "eval"}
 
 
 @pytest.mark.slow
@@ -59,7 +67,9 @@ def single(tiny_model_dir, tmp_path_factory):
                                                    ("zero3_offload.json", "off")])
 def test_zero_stages_match_single_process(config, checkpointing, single, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    extra = {"eval_file": DATA / "alpaca_tiny.jsonl", "save_steps": 2, "save_total_limit": 1} if config == "zero3.json" else {}
+    extra = {"eval_file": COMMONSENSE}
+    if config == "zero3.json":  # and the best checkpoint by eval loss kept besides the newest
+        extra.update(save_steps=2, eval_steps=2, save_total_limit=2, save_best_metric="eval_loss")
     if checkpointing != "off":
         extra.update(gradient_checkpointing="true", gradient_checkpointing_reentrant=str(checkpointing == "reentrant"))
     proc = launch(tiny_model_dir, out, config=config, profile_steps="2", **extra)
@@ -70,6 +80,10 @@ def test_zero_stages_match_single_process(config, checkpointing, single, tiny_mo
     got, ref = losses(out), losses(single)
     assert len(got) == len(ref) == 5
     assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4, (got, ref)
+    # the in-training multiple-choice accuracy (log-likelihood, ZeRO-3-safe) is the single process's, exactly
+    final, reference = evaluations(out)[5], evaluations(single)[5]
+    assert final["eval_accuracy"] == reference["eval_accuracy"] and 0 <= final["eval_accuracy"] <= 1
+    assert abs(final["eval_loss"] - reference["eval_loss"]) < 1e-4
     adapter = out / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "clora_config.json").is_file()
     from safetensors.torch import load_file
@@ -80,7 +94,11 @@ def test_zero_stages_match_single_process(config, checkpointing, single, tiny_mo
         assert mine[k].numel() > 0 and mine[k].shape == theirs[k].shape
         assert (mine[k] - theirs[k]).abs().max() < 1e-4, k
     if config == "zero3.json":
-        assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-5"]  # save_total_limit=1
+        evals = evaluations(out)
+        assert sorted(evals) == [2, 4, 5]
+        best = min([2, 4, 5], key=lambda s: (evals[s]["eval_loss"], -s))
+        kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+        assert kept == sorted({best, 5} | ({4} if best == 5 else set())), (kept, evals)
         check_adapter_in_fresh_process(tiny_model_dir, out, tmp_path)
 
 
@@ -93,7 +111,7 @@ def check_adapter_in_fresh_process(model_dir, out, tmp_path):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     engine_loss = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
     tok = LlamaTokenizer.from_pretrained(str(model_dir))
-    records = [json.loads(l) for l in (DATA / "alpaca_tiny.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in COMMONSENSE.read_text().splitlines()]
     examples = [tokenize_example(tok, alpaca_prompt(r), r["output"], 256) for r in records]
     torch.save([torch.tensor(e["input_ids"]) for e in examples], tmp_path / "ids.pt")
     code = f"""

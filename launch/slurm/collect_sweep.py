@@ -2,8 +2,9 @@
 
     python launch/slurm/collect_sweep.py out/sweep
 
-Columns: run, k, λ, final loss (eval loss when evaluated), penalty λ·R, R, steps, wall time (all job attempts),
-adapter path. Runs without a final adapter yet are listed below the table. Exit status 1 when no run has finished.
+Columns: run, k, λ, final loss (eval loss when evaluated), penalty λ·R, R, steps, wall time (all job attempts), and,
+once launch/evaluate.py --sweep_dir (or eval.sbatch) has run, in-domain accuracy, lm-eval average (change from the
+base model), F and subspace leakage; adapter path. Runs without a final adapter yet are listed below the table. Exit status 1 when no run has finished.
 """
 import argparse
 import sys
@@ -16,11 +17,11 @@ def main(argv=None):
     parser.add_argument("sweep_dir", help="the --output_dir given to sweep.sbatch (holds k*/ and lora/)")
     args = parser.parse_args(argv)
     try:
-        finished, pending = collect_sweep(args.sweep_dir)
+        finished, pending, base = collect_sweep(args.sweep_dir)
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
     if finished:
-        print(format_sweep_table(finished))
+        print(format_sweep_table(finished, base))
     for name, why in pending:
         print(f"not finished: {name}: {why}")
     if not finished:

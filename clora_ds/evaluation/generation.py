@@ -1,0 +1,123 @@
+"""Batched greedy generation and log-likelihood scoring, sharded over data-parallel ranks.
+
+Generation: prompts framed as in training ([bos] prompt), left-padded into batches so every row ends at the same
+position, greedy decoding with the KV cache, only the new tokens decoded. Batches are formed from all prompts sorted
+by length (longest first: an out-of-memory shows at once), the same batches whatever the number of ranks, and dealt
+round-robin to the ranks; the texts are gathered in the original order. So 1 or N processes give the same texts.
+
+Scoring (multiple choice by log-likelihood, no generation, cheap and ZeRO-3-safe since every rank runs the same
+number of forwards): each choice's continuation is scored by the sum of its tokens' log-probabilities after the
+context, encoded as lm-evaluation-harness encodes a pair (trailing whitespace of the context moves to the
+continuation; the continuation's tokens are those of the whole string after the context's), so the accuracy here
+equals lm-eval's `acc` on the same items.
+"""
+from __future__ import annotations
+
+import json
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..distributed import gather_texts, rank, world_size
+
+
+def frame_prompt(tokenizer, prompt: str) -> List[int]:
+    """[bos] + the prompt's tokens, as training frames an example (no eos: the model continues it)."""
+    return [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
+    """Indices grouped into batches of similar length, longest first; independent of the number of ranks."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def gather_results(mine: List[Tuple[int, object]], n: int) -> list:
+    """Every rank's (index, JSON-serialisable value) pairs -> the full list in index order, on every rank."""
+    merged: list = [None] * n
+    for text in gather_texts(json.dumps(mine)):
+        for index, value in json.loads(text):
+            merged[index] = value
+    return merged
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 32,
+                    progress: Optional[Callable[[int], None]] = None, token_counts: Optional[list] = None) -> List[str]:
+    """The greedy continuation of every prompt (new tokens only, special tokens skipped), sharded over ranks.
+    ``token_counts``, when given, receives the number of tokens generated for each prompt (up to and with EOS)."""
+    from transformers import GenerationConfig
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True)
+    device = next(model.parameters()).device
+    ids = [frame_prompt(tokenizer, p) for p in prompts]
+    batches = length_batches([len(x) for x in ids], batch_size)
+    mine = []
+    for chunk in batches[rank()::world_size()]:
+        longest = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: every prompt ends at the last column
+            input_ids[row, longest - len(ids[i]):] = torch.tensor(ids[i])
+            mask[row, longest - len(ids[i]):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        new = out[:, longest:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        ended = (new == tokenizer.eos_token_id).int()
+        counts = torch.where(ended.any(dim=1), ended.argmax(dim=1) + 1, torch.full_like(ended[:, 0], new.shape[1]))
+        mine += [(i, [text, int(n)]) for i, text, n in zip(chunk, texts, counts.tolist())]
+        if progress:
+            progress(len(chunk) * world_size())
+    results = gather_results(mine, len(prompts))
+    if token_counts is not None:
+        token_counts[:] = [n for _, n in results]
+    return [text for text, _ in results]
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = True) -> Tuple[List[int], List[int]]:
+    """(context tokens, continuation tokens) as lm-eval's HFLM encodes a loglikelihood request."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if add_bos else []
+    return bos + ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], batch_size: int = 16,
+                          device: Optional[torch.device] = None) -> List[float]:
+    """Sum of log p(continuation | context) for each (context, continuation), sharded over ranks and gathered.
+
+    Every rank runs the same number of forwards (a rank short of batches repeats one and drops its scores), so
+    this is safe under ZeRO-3, where every forward gathers weights from all ranks. Rows are right-padded and
+    attention is causal, so padding never changes a score.
+    """
+    device = device or next(model.parameters()).device
+    encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = length_batches([len(c) + len(x) for c, x in encoded], batch_size)
+    per_rank = -(-len(batches) // world_size())
+    mine_batches = batches[rank()::world_size()]
+    mine = []
+    for j in range(per_rank):
+        chunk, keep = (mine_batches[j], True) if j < len(mine_batches) else (batches[0], False)
+        rows = [encoded[i][0] + encoded[i][1] for i in chunk]
+        longest = max(map(len, rows))
+        input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, row in enumerate(rows):
+            input_ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        if not keep:
+            continue
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for r, i in enumerate(chunk):
+            ctx, cont = encoded[i]
+            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=logp.device)
+            mine.append((i, logp[r, positions, torch.tensor(cont, device=logp.device)].double().sum().item()))
+    return gather_results(mine, len(pairs))
