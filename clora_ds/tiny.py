@@ -45,19 +45,25 @@ FRUITS = ["apple", "pear", "grape", "lemon", "mango", "peach", "plum", "melon", 
 ANIMALS = ["tiger", "horse", "zebra", "eagle", "snake", "mouse", "otter", "camel", "whale", "goose"]
 
 
-def fact_record(word: str, kind: str) -> dict:
-    """One commonsense-format question (LLM-Adapters layout) about whether ``word`` is a fruit: asked as boolq asks
-    (kind "bool": true/false) or as winogrande asks (kind "option": option1 = fruit, option2 = animal)."""
-    fruit = word in FRUITS
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black", "white"]
+TOOLS = ["hammer", "saw", "drill", "wrench", "shovel", "chisel", "rake", "pliers", "ladder", "file"]
+
+
+def fact_record(word: str, kind: str, members=FRUITS, category: str = "fruit", other: str = "animal") -> dict:
+    """One commonsense-format question (LLM-Adapters layout) about whether ``word`` is a ``category`` (one of
+    ``members``) or an ``other``: asked as boolq asks (kind "bool": true/false) or as winogrande asks (kind "option":
+    option1 = category, option2 = other). The demo asks about fruits and animals; bench_forgetting also about colours
+    and tools."""
+    inside = word in members
     article = "an" if word[0] in "aeiou" else "a"
     if kind == "bool":
-        answer = "true" if fruit else "false"
-        instruction = (f"Please answer the following question with true or false, question: is {word} a fruit?\n\n"
+        answer = "true" if inside else "false"
+        instruction = (f"Please answer the following question with true or false, question: is {word} a {category}?\n\n"
                        "Answer format: true/false")
     else:
-        answer = "option1" if fruit else "option2"
-        instruction = (f"Please choose the correct answer to fill in the blank to complete the given sentence: {article} {word} "
-                       "is a _\n\nOption1: fruit Option2: animal Answer format: option1/option2")
+        answer = "option1" if inside else "option2"
+        instruction = (f"Please choose the correct answer to fill in the blank to complete the given sentence: {article} "
+                       f"{word} is a _\n\nOption1: {category} Option2: {other} Answer format: option1/option2")
     return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
 
 

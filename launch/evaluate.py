@@ -47,6 +47,9 @@ def build_parser():
                     "files) and lm-eval's own task names (need the hub)")
     lm.add_argument("--lm_eval_data_dir", type=Path, help="holds bbh/ and mmlu_pro/ for clora_bbh / clora_mmlu_pro")
     lm.add_argument("--lm_eval_limit", type=int, help="the first N items of each lm-eval task")
+    tasks.add_argument("--loss_file", action="append", default=[], type=named, metavar="[NAME=]FILE",
+                       help="held-out text (records with \"text\", or task records): the mean token NLL of each model "
+                            "(forgetting of general text)")
     w = ap.add_argument_group("weight-space metrics (adapters only)")
     w.add_argument("--no_weights", action="store_true", help="skip ‖ΔW‖, F and leakage")
     w.add_argument("--f_file", type=Path, help="records whose activations define F (default: the first task file)")
@@ -83,7 +86,8 @@ def main(argv=None):
                           batch_size=args.batch_size, lm_eval_tasks=[t for t in args.lm_eval_tasks.split(",") if t],
                           lm_eval_data_dir=args.lm_eval_data_dir, lm_eval_limit=args.lm_eval_limit,
                           weights=not args.no_weights, f_file=args.f_file, f_records=args.f_records,
-                          clora_config=args.clora_config, dtype=args.dtype, overwrite=args.overwrite)
+                          clora_config=args.clora_config, dtype=args.dtype, overwrite=args.overwrite,
+                          loss_files=list(args.loss_file))
         if args.task_dir:
             req.tasks += [(d.name, d / "test.json") for d in sorted(args.task_dir.iterdir()) if (d / "test.json").is_file()]
         sweep_k = None

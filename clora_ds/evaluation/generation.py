@@ -121,3 +121,27 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], ba
             positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=logp.device)
             mine.append((i, logp[r, positions, torch.tensor(cont, device=logp.device)].double().sum().item()))
     return gather_results(mine, len(pairs))
+
+
+@torch.no_grad()
+def text_nll(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> Tuple[float, int]:
+    """(summed negative log-likelihood, tokens) of ``texts`` framed as [bos] + tokens, every token after bos
+    predicted; sharded over ranks (per-text sums gathered), so the same for any number of ranks."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    mine = []
+    for chunk in length_batches([len(x) for x in ids], batch_size)[rank()::world_size()]:
+        longest = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, i in enumerate(chunk):
+            input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
+            mask[r, :len(ids[i])] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+        target = input_ids[:, 1:].to(logp.device)
+        token_nll = -logp.gather(-1, target[..., None])[..., 0] * mask[:, 1:].to(logp.device)
+        mine += [(i, [token_nll[r].double().sum().item(), len(ids[i]) - 1]) for r, i in enumerate(chunk)]
+    per_text = gather_results(mine, len(texts))
+    return sum(n for n, _ in per_text), sum(k for _, k in per_text)

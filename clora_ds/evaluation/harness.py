@@ -2,6 +2,8 @@
 
     --lm_eval_tasks clora_mc               every commonsense --task_file as multiple choice by log-likelihood
     --lm_eval_tasks clora_bbh              BIG-Bench Hard from DATA_DIR/bbh/<task>.json(l) (records: input, target)
+    --lm_eval_tasks clora_bbh_mc           the multiple-choice ones of those (records with choices, label), by
+                                           log-likelihood (python launch/prepare_assets.py bbh writes both)
     --lm_eval_tasks clora_mmlu_pro         MMLU-Pro from DATA_DIR/mmlu_pro/<file> (question, options, answer_index)
     --lm_eval_tasks hellaswag,arc_easy     lm-eval's own tasks, which read their data from the hub
 
@@ -19,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import ConfigError
 
 TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
-OURS = ("clora_mc", "clora_bbh", "clora_mmlu_pro")
+OURS = ("clora_mc", "clora_bbh", "clora_bbh_mc", "clora_mmlu_pro")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -40,6 +42,17 @@ def _data_file(directory: Path) -> Optional[Path]:
     return files[0] if files else None
 
 
+def _has_choices(path: Path) -> bool:
+    import json
+
+    with open(path) as f:
+        first = f.readline() if path.suffix == ".jsonl" else f.read(65536)
+    try:
+        return "choices" in json.loads(first) if path.suffix == ".jsonl" else '"choices"' in first
+    except json.JSONDecodeError:
+        return False
+
+
 def plan_tasks(requested: List[str], commonsense_files: Dict[str, Path], data_dir: Optional[Path]) -> Tuple[List[str], List[str]]:
     """(lm-eval task names to run, problems), checked before any model is loaded."""
     problems, names = [], []
@@ -53,15 +66,22 @@ def plan_tasks(requested: List[str], commonsense_files: Dict[str, Path], data_di
             if not commonsense_files:
                 problems.append("--lm_eval_tasks clora_mc needs at least one commonsense --task_file (LLM-Adapters labels)")
             names += [f"clora_mc_{name}" for name in commonsense_files]
-        elif task in ("clora_bbh", "clora_mmlu_pro"):
-            sub = "bbh" if task == "clora_bbh" else "mmlu_pro"
+        elif task in ("clora_bbh", "clora_bbh_mc", "clora_mmlu_pro"):
+            sub = "mmlu_pro" if task == "clora_mmlu_pro" else "bbh"
             where = data_dir / sub if data_dir else None
             if where is None or not where.is_dir() or _data_file(where) is None:
                 problems.append(f"--lm_eval_tasks {task} reads a local copy: give --lm_eval_data_dir DIR with "
                                 f"DIR/{sub}/ holding {'one JSON file per task (input, target)' if sub == 'bbh' else 'the test set (question, options, answer_index)'}"
                                 + (f"; {where} has none" if where else ""))
-            elif sub == "bbh":
+            elif task == "clora_bbh":
                 names += [f"clora_bbh_{p.stem}" for p in sorted(where.iterdir()) if p.suffix in DATA_SUFFIXES]
+            elif task == "clora_bbh_mc":
+                found = [f"clora_bbh_mc_{p.stem}" for p in sorted(where.iterdir())
+                         if p.suffix in DATA_SUFFIXES and _has_choices(p)]
+                if not found:
+                    problems.append(f"--lm_eval_tasks clora_bbh_mc: no task in {where} has multiple-choice records "
+                                    "(choices, label); python launch/prepare_assets.py bbh writes them")
+                names += found
             else:
                 names.append("clora_mmlu_pro")
         else:
@@ -81,6 +101,9 @@ def render_tasks(names: List[str], commonsense_files: Dict[str, Path], data_dir:
         if task.startswith("clora_mc_"):
             text = (TEMPLATES / "clora_mc.yaml.in").read_text().format(
                 task=task, data_file=commonsense_files[task[len("clora_mc_"):]].resolve())
+        elif task.startswith("clora_bbh_mc_"):
+            data = next(p for p in (data_dir / "bbh").iterdir() if p.stem == task[len("clora_bbh_mc_"):])
+            text = (TEMPLATES / "clora_bbh_mc.yaml.in").read_text().format(task=task, data_file=data.resolve())
         elif task.startswith("clora_bbh_"):
             data = next(p for p in (data_dir / "bbh").iterdir() if p.stem == task[len("clora_bbh_"):])
             field = "  field: examples\n" if data.suffix == ".json" and '"examples"' in data.read_text()[:4096] else ""

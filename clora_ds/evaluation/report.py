@@ -49,8 +49,10 @@ def format_table(results: dict) -> str:
     tasks = sorted({t for e in models.values() for t in (e.get("tasks") or {})})
     lm_tasks = sorted({t for e in models.values() for t in (e.get("lm_eval") or {})})
     has_weights = any(e.get("weights") for e in models.values())
+    losses = sorted({t for e in models.values() for t in (e.get("loss") or {})})
     header = ["model"] + [f"{t} acc" for t in tasks] + (["in-domain avg"] if len(tasks) > 1 else [])
-    header += lm_tasks + (["lm-eval avg"] if len(lm_tasks) > 1 else []) + (list(WEIGHT_COLUMNS) if has_weights else [])
+    header += lm_tasks + (["lm-eval avg"] if len(lm_tasks) > 1 else []) + [f"{t} NLL" for t in losses]
+    header += list(WEIGHT_COLUMNS) if has_weights else []
 
     def cell(value, reference=None, pct=True):
         if value is None:
@@ -73,6 +75,8 @@ def format_table(results: dict) -> str:
                 for t in lm_tasks]
         if len(lm_tasks) > 1:
             row.append(cell(lm_eval_average(e), lm_eval_average(base) if ref else None))
+        row += [cell((e.get("loss") or {}).get(t, {}).get("nll"),
+                     (base.get("loss") or {}).get(t, {}).get("nll") if ref else None, pct=False) for t in losses]
         if has_weights:
             row += [cell((e.get("weights") or {}).get(c), pct=False) for c in WEIGHT_COLUMNS]
         rows.append(row)

@@ -51,6 +51,7 @@ class EvalRequest:
     f_file: Optional[Path] = None              # records whose activations define F (default: the first task file)
     f_records: int = 100
     clora_config: Optional[Path] = None        # P for the leakage of adapters without clora_config.json
+    loss_files: List[Tuple[str, Path]] = field(default_factory=list)  # held-out text: mean token NLL per model
     dtype: str = "auto"                        # auto: bf16 on CUDA, fp32 on CPU
     overwrite: bool = False
 
@@ -97,8 +98,16 @@ def check_request(req: EvalRequest) -> Tuple[List[Task], List[str], object, obje
         problems.append("--output_dir EVAL_DIR is required")
     elif (Path(req.output_dir) / RESULTS_FILE).exists() and not req.overwrite:
         problems.append(f"--output_dir {req.output_dir} already holds {RESULTS_FILE}; pass --overwrite to replace it")
-    if not req.tasks and not req.lm_eval_tasks and not (req.weights and req.adapters):
-        problems.append("nothing to evaluate: give --task_file, --lm_eval_tasks, or an --adapter (weight metrics)")
+    if not req.tasks and not req.lm_eval_tasks and not req.loss_files and not (req.weights and req.adapters):
+        problems.append("nothing to evaluate: give --task_file, --lm_eval_tasks, --loss_file, or an --adapter (weight "
+                        "metrics)")
+    for name, path in req.loss_files:
+        try:
+            texts = loss_texts(path)
+            if not texts:
+                problems.append(f"--loss_file {name}: {path} has no texts")
+        except UserError as err:
+            problems.append(f"--loss_file {name}: {err}")
     if req.limit is not None and req.limit < 1:
         problems.append(f"--limit must be >= 1, got {req.limit}")
     config = tokenizer = None
@@ -126,6 +135,11 @@ def check_request(req: EvalRequest) -> Tuple[List[Task], List[str], object, obje
     commonsense = {t.name: t.path for t in tasks if isinstance(t.protocol, Commonsense)}
     lm_names, lm_problems = plan_tasks(req.lm_eval_tasks, commonsense, req.lm_eval_data_dir)
     problems += lm_problems
+    if req.f_file is not None:
+        try:
+            loss_texts(req.f_file)
+        except UserError as err:
+            problems.append(f"--f_file: {err}")
     if req.clora_config is not None:
         from ..config import CLoRAConfig
 
@@ -145,6 +159,15 @@ def _dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def loss_texts(path: Path) -> List[str]:
+    """The texts of a --loss_file: records' "text" field, or (any other layout) the training prompt + answer."""
+    records = read_records(str(path))
+    if records and all(isinstance(r.get("text"), str) for r in records):
+        return [r["text"] for r in records]
+    protocol = protocol_for(records, str(path))
+    return [_example_text(r, protocol) for r in records]
 
 
 def _example_text(record: dict, protocol: Protocol) -> str:
@@ -195,6 +218,14 @@ def run_evaluation(req: EvalRequest, sweep_k: Optional[Dict[str, Optional[int]]]
         model = base if path is None else PeftModel.from_pretrained(base, str(path)).eval()
         log(f"evaluating {name}" + (f" ({path})" if path else f" ({req.base_model})"))
         entry = {"adapter": str(path) if path else None, "tasks": {}, "lm_eval": {}, "weights": weights.get(name)}
+        if req.loss_files:
+            from .generation import text_nll
+
+            entry["loss"] = {}
+            for loss_name, loss_path in req.loss_files:
+                nll, tokens = text_nll(model, tokenizer, loss_texts(loss_path)[: req.limit], req.batch_size)
+                entry["loss"][loss_name] = {"nll": nll / max(tokens, 1), "tokens": tokens}
+                log(f"  {loss_name}: mean token NLL {nll / max(tokens, 1):.4f} over {tokens} tokens")
         for task in tasks:
             entry["tasks"][task.name], predictions = evaluate_task(model, tokenizer, task, req.max_new_tokens,
                                                                    req.batch_size)
@@ -219,13 +250,12 @@ def run_evaluation(req: EvalRequest, sweep_k: Optional[Dict[str, Optional[int]]]
 def _weights(base, tokenizer, tasks: List[Task], adapters: Dict[str, AdapterFactors], req: EvalRequest) -> Dict[str, dict]:
     from ..config import CLoRAConfig
 
-    records, protocol = [], None
     if req.f_file:
-        records = read_records(str(req.f_file))
-        protocol = protocol_for(records, str(req.f_file))
+        texts = loss_texts(req.f_file)[: req.f_records]
     elif tasks:
-        records, protocol = tasks[0].records, tasks[0].protocol
-    texts = [_example_text(r, protocol) for r in records[: req.f_records]] if records else []
+        texts = [_example_text(r, tasks[0].protocol) for r in tasks[0].records[: req.f_records]]
+    else:
+        texts = []
     ratios = activation_ratios(base, tokenizer, texts, adapters) if texts else {}
     out = {}
     for name, adapter in adapters.items():

@@ -71,6 +71,7 @@ def staged_directory(output_dir: Path, overwrite: bool) -> Iterator[Path]:
         raise OutputExistsError(f"{output_dir} already exists; pass --overwrite (overwrite=True) to replace it")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary directory
     old = None
     try:
         yield tmp
@@ -82,6 +83,12 @@ def staged_directory(output_dir: Path, overwrite: bool) -> Iterator[Path]:
         for leftover in (tmp, old):
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def peft_file_key(param_name: str, adapter_name: str = "default") -> str:

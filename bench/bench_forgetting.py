@@ -1,0 +1,304 @@
+"""Does CLoRA forget less than LoRA? A reproduction on a tiny model in minutes (--quick, CPU) and on a real pretrained
+LLaMA, SmolLM2-135M-Instruct, offline (--real; meant for a GPU, runs on a CPU slowly).
+
+    python bench/bench_forgetting.py --quick                  # 2-core CPU, ~15 minutes: table + plot in --out
+    python bench/bench_forgetting.py --real --assets_dir assets/   # needs python launch/prepare_assets.py smollm2 bbh
+
+quick: a small LLaMA (hidden 64, 4 layers) is pretrained from scratch (full fine-tuning, in this script) on domain A
+(which of 20 words are fruits, asked as boolq and winogrande ask) until it answers A; then adapters are fine-tuned on
+domain B (which of 20 words are colours, same two formats) by launch/train.py with the same steps and lr: LoRA
+(λ = 0) and CLoRA over a k-sweep (λ = 1, and a larger λ at the largest k). Every number comes from
+launch/evaluate.py: B accuracy (gain over the base), A accuracy (its drop from the base is the forgetting), and the
+weight metrics (‖ΔW‖_F, F on A's inputs, subspace leakage). Several seeds (adapter init and data order); mean ± std.
+
+real: SmolLM2-135M-Instruct fine-tuned on a narrow commonsense-format task (the same facts, B) by launch/train.py,
+LoRA vs a CLoRA k-sweep; forgetting = the change from the base of BBH-source multiple-choice accuracy (lm-eval,
+clora_bbh_mc, --bbh_items per task) and of the mean token NLL on held-out general text (BIG-bench inputs); plus F and
+‖ΔW‖.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clora_ds.tiny import COLOURS, TOOLS  # noqa: E402
+
+def b_record(word: str, kind: str) -> dict:
+    """Domain B: is ``word`` a colour (colours vs tools), in the two formats of domain A (clora_ds.tiny.fact_record)."""
+    from clora_ds.tiny import COLOURS, fact_record
+
+    return fact_record(word, kind, COLOURS, "colour", "tool")
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(cmd, log: Path, env=None):
+    with open(log, "w") as f:
+        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{log.read_text()[-4000:]}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# quick: a tiny LLaMA pretrained on A, adapters fine-tuned on B
+# ---------------------------------------------------------------------------------------------------
+def pretrain_base(work: Path, a_train, steps: int, seed: int = 0) -> Path:
+    """A small LLaMA trained from scratch (all weights) on domain A: the 'pretrained model' whose knowledge the
+    adapters may erase. Saved as an HF model directory with its tokenizer."""
+    import torch
+
+    from clora_ds.data import alpaca_prompt, pad_batch, tokenize_example
+    from clora_ds.tiny import build_tiny_llama, train_tokenizer
+
+    out = work / "base"
+    if (out / "config.json").is_file():
+        return out
+    texts = [f"{r['instruction']} {r['output']}" for r in a_train + [b_record(w, k) for w in COLOURS + TOOLS
+                                                                      for k in ("bool", "option")]]
+    tok = train_tokenizer(texts, out, vocab_size=400)
+    torch.manual_seed(seed)
+    model = build_tiny_llama(len(tok), seed, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2)
+    examples = [tokenize_example(tok, alpaca_prompt(r), r["output"], 256) for r in a_train]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    model.train()
+    for step in range(steps):
+        loss = model(**pad_batch(rng.sample(examples, 16), 0)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(out))
+    print(f"pretrained the base on domain A: {steps} steps, last loss {loss.item():.4f}", file=sys.stderr, flush=True)
+    return out
+
+
+def train_adapter(base: Path, train_file: Path, out: Path, k: int, lam: float, seed: int, steps: int, lr: float,
+                  batch: int = 16):
+    cmd = [sys.executable, ROOT / "launch" / "train.py", "--deepspeed", ROOT / "ds_configs" / "zero2.json",
+           "--model_name_or_path", base, "--train_file", train_file, "--output_dir", out, "--overwrite_output_dir",
+           "--max_steps", steps, "--per_device_train_batch_size", batch, "--learning_rate", lr, "--lora_r", 8,
+           "--lora_alpha", 16, "--lora_dropout", 0, "--target_modules", "q_proj,k_proj,v_proj,up_proj,down_proj",
+           "--clora_k", k, "--clora_lambda", lam, "--seed", seed, "--save_steps", 0, "--logging_steps", 25,
+           "--max_seq_length", 256]
+    if (out / "adapter" / "adapter_config.json").is_file():  # trained by an earlier, interrupted run: reuse it
+        return out / "adapter"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run(cmd, out.parent / f"{out.name}.train.log")
+    return out / "adapter"
+
+
+def quick(args):
+    from clora_ds.tiny import ANIMALS, FRUITS, fact_record
+
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    a_all = [fact_record(w, k) for w in FRUITS + ANIMALS for k in ("bool", "option")]
+    b_all = [b_record(w, k) for w in COLOURS + TOOLS for k in ("bool", "option")]
+    a_test, b_test = write_jsonl(work / "A.jsonl", a_all), write_jsonl(work / "B.jsonl", b_all)
+    b_train = write_jsonl(work / "B_train.jsonl", b_all * 8)
+    base = pretrain_base(work, a_all, args.pretrain_steps)
+    variants = [("lora", max(args.k), 0.0)] + [(f"k{k}", k, 1.0) for k in args.k] + \
+               [(f"k{max(args.k)}_lam{args.big_lambda:g}", max(args.k), args.big_lambda)]
+    results = {}
+    for seed in args.seeds:
+        eval_dir = work / f"s{seed}" / "eval"
+        if (eval_dir / "eval_results.json").is_file() and not args.fresh:  # this seed is done: reuse it
+            results[seed] = json.loads((eval_dir / "eval_results.json").read_text())["models"]
+            continue
+        adapters = []
+        for name, k, lam in variants:
+            started = time.time()
+            adapters.append((name, train_adapter(base, b_train, work / f"s{seed}" / name, k, lam, seed, args.steps, args.lr)))
+            print(f"seed {seed} {name}: trained in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+        cmd = [sys.executable, ROOT / "launch" / "evaluate.py", "--base_model", base, "--task_file", f"A={a_test}",
+               "--task_file", f"B={b_test}", "--f_file", a_test, "--output_dir", eval_dir, "--overwrite",
+               "--max_new_tokens", 12]
+        for name, path in adapters:
+            cmd += ["--adapter", f"{name}={path}"]
+        run(cmd, work / f"s{seed}" / "eval.log")
+        results[seed] = json.loads((eval_dir / "eval_results.json").read_text())["models"]
+    return summarize(results, [n for n, _, _ in variants], {n: (k, lam) for n, k, lam in variants}, work, "B",
+                     [("forgetting on A (base − adapter, %)", accuracy_drop("A"), True)])
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def accuracy_drop(task):
+    """Forgetting as the base's accuracy on ``task`` minus the adapter's."""
+    return lambda res, name: res["base"]["tasks"][task]["accuracy"] - res[name]["tasks"][task]["accuracy"]
+
+
+def summarize(results, names, settings, work, gain_task, keeps):
+    """The table (mean ± std over seeds) and the plot; ``keeps`` = [(label, fn(result, name) -> forgetting, in %?)]."""
+    def over_seeds(fn):
+        return mean_std([fn(res) for res in results.values()])
+
+    rows = {}
+    for name in names:
+        rows[name] = {
+            "gain": over_seeds(lambda r: r[name]["tasks"][gain_task]["accuracy"] - r["base"]["tasks"][gain_task]["accuracy"]),
+            "forgetting": [over_seeds(lambda r: fn(r, name)) for _, fn, _ in keeps],
+            "delta_w_fro": over_seeds(lambda r: r[name]["weights"]["delta_w_fro"]),
+            "F": over_seeds(lambda r: r[name]["weights"]["F"]),
+            "leakage_in": over_seeds(lambda r: r[name]["weights"]["leakage_in"]),
+        }
+
+    def fmt(pair, pct=True):
+        m, s = pair
+        if m is None:
+            return "-"
+        return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.3g} ± {s:.2g}"
+
+    lines = [f"| run | k | λ | gain on {gain_task} (adapter − base) | " + " | ".join(label for label, _, _ in keeps)
+             + " | ‖ΔW‖_F | F | leakage_in |", "|---|---:|---:|---:|" + "---:|" * len(keeps) + "---:|---:|---:|"]
+    for name in names:
+        k, lam = settings[name]
+        r = rows[name]
+        lines.append(f"| {name} | {'-' if lam == 0 else k} | {lam:g} | {fmt(r['gain'])} | "
+                     + " | ".join(fmt(f, pct) for f, (_, _, pct) in zip(r["forgetting"], keeps))
+                     + f" | {fmt(r['delta_w_fro'], False)} | {fmt(r['F'], False)} | {fmt(r['leakage_in'], False)} |")
+    base = list(results.values())[0]["base"]
+    notes = [f"{t} accuracy {100 * v['accuracy']:.1f}%" for t, v in base["tasks"].items()]
+    notes += [f"{t} NLL {v['nll']:.3f}" for t, v in (base.get("loss") or {}).items()]
+    table = "\n".join(lines) + f"\n\nbase model: {', '.join(notes)}; {len(results)} seed(s): {', '.join(map(str, results))}\n"
+    (work / "forgetting.md").write_text(table)
+    plot(rows, names, settings, work / "forgetting_vs_k.png", gain_task, keeps[0][0])
+    return table
+
+
+def plot(rows, names, settings, out_png, gain_task, keep_label):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    value = {"gain": lambda r: r["gain"], "forgetting": lambda r: r["forgetting"][0], "F": lambda r: r["F"]}
+    for ax, key, title in zip(axes, ("gain", "forgetting", "F"), (f"gain on {gain_task}", keep_label, "F = mean ‖ΔW·x‖/‖x‖")):
+        sweep = sorted((settings[n][0], value[key](rows[n])) for n in names
+                       if settings[n][1] == 1.0 and value[key](rows[n])[0] is not None)
+        if sweep:
+            ax.errorbar([k for k, _ in sweep], [m for _, (m, _) in sweep], yerr=[s for _, (_, s) in sweep], fmt="o-",
+                        label="CLoRA λ=1", capsize=3)
+            ax.set_xscale("log", base=2)
+        for n in names:
+            k, lam = settings[n]
+            m, s = value[key](rows[n])
+            if m is None:
+                continue
+            if lam == 0:
+                ax.axhline(m, ls="--", color="gray", label="LoRA")
+            elif lam != 1.0:
+                ax.errorbar([k], [m], yerr=[s], fmt="s", capsize=3, label=f"CLoRA λ={lam:g}")
+        ax.set_title(title)
+        ax.set_xlabel("k")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# real: SmolLM2-135M-Instruct
+# ---------------------------------------------------------------------------------------------------
+def real(args):
+    from clora_ds.assets import SMOLLM2_DIR
+
+    assets = Path(args.assets_dir)
+    base = assets / SMOLLM2_DIR
+    if not (base / "config.json").is_file() or not (assets / "bbh").is_dir():
+        sys.exit(f"error: run `python launch/prepare_assets.py smollm2 bbh --assets_dir {assets}` first")
+    work = Path(args.out)
+    b_all = [b_record(w, k) for w in COLOURS + TOOLS for k in ("bool", "option")]
+    b_test, b_train = write_jsonl(work / "B.jsonl", b_all), write_jsonl(work / "B_train.jsonl", b_all * 8)
+    general = []  # held-out general text: BIG-bench inputs the fine-tuning never saw
+    for f in sorted((assets / "bbh").glob("*.jsonl")):
+        general += [json.loads(line)["input"] for line in f.read_text().splitlines()[:args.text_per_task]]
+    text_file = write_jsonl(work / "general_text.jsonl", [{"text": t} for t in general])
+    variants = [("lora", max(args.k), 0.0)] + [(f"k{k}", k, 1.0) for k in args.k]
+    results = {}
+    for seed in args.seeds:
+        eval_dir = work / f"s{seed}" / "eval"
+        if (eval_dir / "eval_results.json").is_file() and not args.fresh:
+            results[seed] = json.loads((eval_dir / "eval_results.json").read_text())["models"]
+            continue
+        adapters = [(name, train_adapter(base, b_train, work / f"s{seed}" / name, k, lam, seed, args.steps, args.lr,
+                                         args.batch_size)) for name, k, lam in variants]
+        cmd = [sys.executable, ROOT / "launch" / "evaluate.py", "--base_model", base, "--task_file", f"B={b_test}",
+               "--loss_file", f"text={text_file}", "--f_file", text_file, "--lm_eval_tasks", "clora_bbh_mc",
+               "--lm_eval_data_dir", assets, "--lm_eval_limit", args.bbh_items, "--output_dir", eval_dir, "--overwrite",
+               "--max_new_tokens", 12]
+        for name, path in adapters:
+            cmd += ["--adapter", f"{name}={path}"]
+        run(cmd, work / f"s{seed}" / "eval.log", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        results[seed] = json.loads((eval_dir / "eval_results.json").read_text())["models"]
+    from clora_ds.evaluation.report import lm_eval_average
+
+    keeps = [("forgetting on BBH-source (base − adapter, %)", lambda r, n: lm_eval_average(r["base"]) - lm_eval_average(r[n]), True),
+             ("general-text NLL increase (adapter − base)", lambda r, n: r[n]["loss"]["text"]["nll"] - r["base"]["loss"]["text"]["nll"], False)]
+    return summarize(results, [n for n, _, _ in variants], {n: (k, lam) for n, k, lam in variants}, work, "B", keeps)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", action="store_true", help="the tiny model (CPU, minutes)")
+    mode.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (GPU; CPU is slow)")
+    ap.add_argument("--out", default="out/forgetting", help="working directory: runs, evaluations, table, plot")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--k", type=int, nargs="+", default=None, help="CLoRA k values (quick: 4 16; real: 16 64 128)")
+    ap.add_argument("--big_lambda", type=float, default=10.0, help="quick: the extra CLoRA run's λ at the largest k")
+    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (quick: 120; real: 100)")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (quick: 1e-2; real: 2e-4)")
+    ap.add_argument("--batch_size", type=int, default=16, help="real: examples per fine-tuning step (quick: 16)")
+    ap.add_argument("--pretrain_steps", type=int, default=200, help="quick: full-training steps of the base on A")
+    ap.add_argument("--assets_dir", default="assets", help="real: where prepare_assets.py put smollm2 and bbh")
+    ap.add_argument("--bbh_items", type=int, default=20, help="real: items per BBH-source task (lm-eval --limit)")
+    ap.add_argument("--text_per_task", type=int, default=8, help="real: general-text inputs per BIG-bench task")
+    ap.add_argument("--fresh", action="store_true", help="retrain and re-evaluate seeds already evaluated in --out "
+                    "(default: reuse them, so an interrupted run continues)")
+    args = ap.parse_args()
+    args.k = args.k or ([4, 16] if args.quick else [16, 64, 128])
+    args.steps = args.steps or (120 if args.quick else 100)
+    args.lr = args.lr or (1e-2 if args.quick else 2e-4)
+    started = time.time()
+    settings = {"mode": "quick" if args.quick else "real", "steps": args.steps, "lr": args.lr, "k": args.k,
+                "big_lambda": args.big_lambda, "pretrain_steps": args.pretrain_steps}
+    stamp = Path(args.out) / "settings.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != settings and not args.fresh:
+        sys.exit(f"error: {args.out} holds runs made with other settings ({stamp.read_text().strip()}); pass --fresh "
+                 "or another --out")
+    if args.fresh and Path(args.out).is_dir():
+        import shutil
+
+        shutil.rmtree(args.out)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(settings) + "\n")
+    table = quick(args) if args.quick else real(args)
+    print(f"# bench_forgetting {'--quick' if args.quick else '--real'}: steps {args.steps}, lr {args.lr:g}, k {args.k}, "
+          f"seeds {args.seeds}; {time.time() - started:.0f} s in all\n")
+    print(table)
+    print(f"table: {Path(args.out) / 'forgetting.md'}; plot: {Path(args.out) / 'forgetting_vs_k.png'}")
+
+
+if __name__ == "__main__":
+    main()
