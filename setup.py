@@ -32,6 +32,6 @@ setup(
         "qlora": ["bitsandbytes>=0.44"],
         "eval": ["evaluate>=0.4", "matplotlib>=3.8", "lm_eval>=0.4.9"],
         "assets": ["gguf>=0.10"],  # launch/prepare_assets.py smollm2: transformers reads the GGUF through it
-        "dev": ["pytest>=8", "matplotlib>=3.8", "evaluate>=0.4", "lm_eval>=0.4.9", "gguf>=0.10"],
+        "dev": ["pytest>=8", "matplotlib>=3.8", "evaluate>=0.4", "lm_eval>=0.4.9", "gguf>=0.10", "bitsandbytes>=0.44"],
     },
 )

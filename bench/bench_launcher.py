@@ -16,6 +16,7 @@ in the training dtype, so a 7B checkpoint takes 13.5 GB on disk rather than 27. 
 max_memory_allocated, or the process's max RSS on CPU (what the launcher logs as peak_mem_gb).
 
     python bench/bench_launcher.py --variants pack --checkpointing off,on --rounds 1   # checkpointing's effect, CPU
+    python bench/bench_launcher.py --variants lora --qlora ...           # QLoRA: compare with the same run without
 """
 import argparse
 import json
@@ -79,6 +80,7 @@ def run(root: Path, name: str, args, **flags):
            "--logging_steps", "2", "--save_steps", "0", "--learning_rate", "1e-4", "--max_steps", str(args.steps),
            "--target_modules", "q_proj,k_proj,v_proj,up_proj,down_proj", "--attn_implementation", args.attn]
     cmd += ["--bf16"] if args.bf16 else []
+    cmd += ["--load_in_4bit", "--optim", "paged_adamw_8bit"] if args.qlora else []
     for k, v in flags.items():
         cmd += [f"--{k}", str(v)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -102,6 +104,8 @@ def main():
     ap.add_argument("--checkpointing", default="off", help="comma-separated off,on: run every variant without / with "
                     "activation checkpointing")
     ap.add_argument("--gradient_checkpointing", action="store_true", help="same as --checkpointing on")
+    ap.add_argument("--qlora", action="store_true", help="every variant with a 4-bit NF4 base and paged 8-bit AdamW "
+                    "(--load_in_4bit --optim paged_adamw_8bit); run once with and once without to compare")
     ap.add_argument("--variants", default="lora,clora,pad,pack", help="comma-separated subset of lora,clora,pad,pack")
     ap.add_argument("--pad_batch", type=int, default=8, help="examples per micro-batch when padding")
     ap.add_argument("--pack_batch", type=int, default=4, help="packed rows per micro-batch")
@@ -125,7 +129,8 @@ def main():
         print(f"# launch/train.py throughput on {device}, torch {torch.__version__}: hidden {args.hidden}, "
               f"intermediate {args.intermediate}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
               f"vocab {max(args.vocab, 300)}, seq {args.seq}, {'bf16' if args.bf16 else 'fp32'}, r=32, k={args.hidden // 8}, "
-              f"attn {args.attn}, activation checkpointing {'/'.join(modes)}; one process, "
+              f"attn {args.attn}, activation checkpointing {'/'.join(modes)}"
+              f"{', QLoRA (4-bit NF4 base, paged 8-bit AdamW)' if args.qlora else ''}; one process, "
               f"ZeRO-2 config, {args.steps} steps, median of logging windows after the first\n")
         variants = {  # name: (data, flags)
             "lora": ("long", {"packing": "true", "clora_lambda": 0, "per_device_train_batch_size": 1}),

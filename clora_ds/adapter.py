@@ -47,6 +47,16 @@ def _gathered(params: List[torch.Tensor]):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
+def dequantized_weight(layer) -> torch.Tensor:
+    """The weight of a (possibly bitsandbytes-quantized) linear layer as a dense [out, in] tensor."""
+    weight = layer.weight
+    if weight.__class__.__name__ in ("Params4bit", "Int8Params"):
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(layer)
+    return weight.data
+
+
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -226,10 +236,10 @@ def attach_clora(
             subspaces[name] = ModuleSubspace(name, p_in, p_out)
     else:
         for name, layer in layers.items():
-            weight = layer.get_base_layer().weight
-            with _gathered([weight]):
+            base_layer = layer.get_base_layer()
+            with _gathered([base_layer.weight]):  # the svd_* inits read W: dequantized for a 4-/8-bit base
                 p_in, p_out = build_module_subspaces(name, (layer.out_features, layer.in_features), config,
-                                                     weight=weight.data, device=device)
+                                                     weight=dequantized_weight(base_layer), device=device)
             subspaces[name] = ModuleSubspace(name, p_in, p_out)
 
     regularizer = CLoRARegularizer(config, subspaces, adapter_name)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .config import CLoRAConfig
-from .ds_config import HF_SCHEDULERS, MONITORS
+from .ds_config import HF_SCHEDULERS, MONITORS, OPTIMIZERS
 from .errors import ConfigError
 from .run_dir import BEST_METRICS
 
@@ -27,6 +27,9 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Local model directory (or a hub id, when the hub is reachable)."})
     attn_implementation: str = field(default="auto", metadata={"help": "auto | flash_attention_2 | sdpa | eager. auto: flash_attention_2 when flash-attn imports on CUDA, else sdpa."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint (off unless you ask)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bits (bitsandbytes; double quantization, compute and quant storage in the training dtype, so ZeRO-3 can shard it). pip install 'clora_ds[qlora]'."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4: the 4-bit data type of --load_in_4bit."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8 bits (bitsandbytes LLM.int8)."})
 
 
 @dataclass
@@ -75,6 +78,7 @@ class TrainArguments:
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_file; default: at the end only): eval loss, and multiple-choice accuracy by log-likelihood when the eval file is a commonsense task."})
     save_best_metric: Optional[str] = field(default=None, metadata={"help": "eval_loss | eval_accuracy: keep the best checkpoint by this metric besides the newest (within --save_total_limit, which must then be >= 2); needs --eval_steps dividing --save_steps."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint-STEP path, or auto (the newest complete checkpoint in output_dir; starts fresh, and says so, when there is none). The checkpoint must have been trained with the same settings."})
+    optim: str = field(default="auto", metadata={"help": "auto | adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit. auto: the DeepSpeed config's optimizer (DeepSpeed's AdamW when its type is auto); the others are handed to DeepSpeed as a client optimizer (bitsandbytes for the 8-bit and paged ones); the config's optimizer type must then be auto."})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb | csv (comma-separated for several): DeepSpeed's monitor."})
     profile_steps: Optional[str] = field(default=None, metadata={"help": "Profile optimizer steps A-B (1-based, e.g. 6-7) with torch.profiler on rank 0: OUTPUT_DIR/profile/ gets a Chrome trace and the top ops by time."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
@@ -123,6 +127,15 @@ def argument_problems(model: ModelArguments, data: DataArguments, clora_args, tr
     problems += [f"--{flag[name]} {text}" for name, text in CLoRAConfig.problems({**values, "seed": train.seed})]
     if train.bf16 and train.fp16:
         problems.append("--bf16 and --fp16 are both set; choose one")
+    if model.load_in_4bit and model.load_in_8bit:
+        problems.append("--load_in_4bit and --load_in_8bit are both set; choose one")
+    if model.bnb_4bit_quant_type not in ("nf4", "fp4"):
+        problems.append(f"--bnb_4bit_quant_type {model.bnb_4bit_quant_type!r}: choose nf4 or fp4")
+    if train.fp16 and (model.load_in_4bit or model.load_in_8bit):
+        problems.append("--fp16 with a quantized base (--load_in_4bit / --load_in_8bit) is not supported: train QLoRA in "
+                        "--bf16 (or fp32); DeepSpeed's fp16 loss scaling over a bitsandbytes base is untested here")
+    if train.optim not in OPTIMIZERS:
+        problems.append(f"--optim {train.optim!r}: choose {', '.join(OPTIMIZERS)}")
     if train.lr_scheduler_type not in HF_SCHEDULERS:
         problems.append(f"--lr_scheduler_type {train.lr_scheduler_type!r}: choose {', '.join(HF_SCHEDULERS)}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):

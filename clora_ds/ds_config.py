@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 from .errors import ConfigError, RunProblems
 
 HF_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+OPTIMIZERS = ("auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")  # --optim
 MONITORS = ("none", "tensorboard", "wandb", "csv")
 
 
@@ -55,6 +56,21 @@ def make_lr_scheduler(train, total_steps: int):
     return build
 
 
+def make_client_optimizer(train, params):
+    """The --optim optimizer over ``params`` (torch's AdamW, or bitsandbytes' 8-bit / paged AdamW), with the flags'
+    lr, weight decay and AdamW's usual betas and eps; handed to deepspeed.initialize as a client optimizer."""
+    import torch
+
+    kwargs = dict(lr=train.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
+    if train.optim == "adamw_torch":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[train.optim]
+    return cls(params, **kwargs)
+
+
 def resolve_ds_config(raw: dict, train, world: int, hidden_size: int, total_steps: int, output_dir: Path) -> dict:
     """The DeepSpeed config with every "auto" filled from the CLI; RunProblems listing each contradiction."""
     cfg = copy.deepcopy(raw)
@@ -74,13 +90,27 @@ def resolve_ds_config(raw: dict, train, world: int, hidden_size: int, total_step
     fill(cfg, "train_batch_size", micro * accum * world,
          f"--per_device_train_batch_size x --gradient_accumulation_steps x {world} ranks")
     fill(cfg, "gradient_clipping", float(train.max_grad_norm), "--max_grad_norm")
-    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    params = opt.setdefault("params", {})
-    fill(params, "lr", train.learning_rate, "--learning_rate")
-    fill(params, "weight_decay", train.weight_decay, "--weight_decay")
-    for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
-        if params.get(key, "auto") == "auto":
-            params[key] = default
+    opt = cfg.setdefault("optimizer", {"type": "auto", "params": {}})
+    optim = getattr(train, "optim", "auto")
+    if optim != "auto":  # a client optimizer (make_client_optimizer): the config may not name another
+        if opt.get("type", "auto") != "auto":
+            problems.append(f"optimizer.type={opt['type']!r} in the DeepSpeed config contradicts --optim {optim}; set the "
+                            "type to \"auto\" (or drop the optimizer block) to use --optim, or drop --optim to use the "
+                            "config's optimizer")
+        if cfg.get("zero_optimization", {}).get("offload_optimizer"):
+            problems.append(f"--optim {optim} cannot run with zero_optimization.offload_optimizer: DeepSpeed offloads only "
+                            "its own CPU Adam; drop --optim (DeepSpeed's AdamW) or the optimizer offload")
+        del cfg["optimizer"]
+        cfg["zero_allow_untested_optimizer"] = True  # DeepSpeed refuses other optimizers under ZeRO without it
+    else:
+        if opt.get("type", "auto") == "auto":
+            opt["type"] = "AdamW"
+        params = opt.setdefault("params", {})
+        fill(params, "lr", train.learning_rate, "--learning_rate")
+        fill(params, "weight_decay", train.weight_decay, "--weight_decay")
+        for key, default in (("betas", [0.9, 0.999]), ("eps", 1e-8)):
+            if params.get(key, "auto") == "auto":
+                params[key] = default
     sched = cfg.get("scheduler")
     if sched is not None and sched.get("type", "auto") == "auto":
         del cfg["scheduler"]  # built from --lr_scheduler_type by make_lr_scheduler

@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from .data import loss_token_count, pad_batch
 from .distributed import collective_device, log, on_rank0, rank, rank0_first, world_size
-from .ds_config import deepspeed_cuda_arch_list, make_lr_scheduler, zero_stage
+from .ds_config import deepspeed_cuda_arch_list, make_client_optimizer, make_lr_scheduler, zero_stage
 from .export.convert import convert_checkpoint
-from .model import build_model, training_dtype
+from .model import build_model, quantization_config, training_dtype
 from .plan import RunPlan, plan_run
 from .profiling import StepProfiler
 from .resume import load_checkpoint_safely
@@ -44,12 +44,24 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
         f"{plan.world}; ZeRO stage {zero_stage(plan.ds_config)}; {total_steps} steps of {batches.global_batch} "
         f"{'rows' if data_args.packing else 'examples'}")
 
-    model, keep_alive = build_model(model_args.model_name_or_path, plan.clora, plan.ds_config, plan.attention,
-                                    training_dtype(train_args.bf16, train_args.fp16), train_args.gradient_checkpointing,
-                                    train_args.gradient_checkpointing_reentrant, model_args.trust_remote_code, train_args.seed)
+    dtype = training_dtype(train_args.bf16, train_args.fp16)
+    quantization = quantization_config(model_args.load_in_4bit, model_args.load_in_8bit, model_args.bnb_4bit_quant_type, dtype)
+    model, keep_alive = build_model(model_args.model_name_or_path, plan.clora, plan.ds_config, plan.attention, dtype,
+                                    train_args.gradient_checkpointing, train_args.gradient_checkpointing_reentrant,
+                                    model_args.trust_remote_code, train_args.seed, quantization)
+    if quantization is not None:
+        packed = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ in ("Params4bit", "Int8Params"))
+        log(f"base: {'4-bit ' + model_args.bnb_4bit_quant_type if model_args.load_in_4bit else '8-bit'} "
+            f"(bitsandbytes, {packed} quantized linear layers; compute and storage dtype {dtype})")
     start_run_dir(plan.start, plan.settings(model_args, data_args, clora_args, train_args))  # the run's first write
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if train_args.optim != "auto":
+        optimizer = make_client_optimizer(train_args, trainable)
+        log(f"optimizer: {type(optimizer).__module__}.{type(optimizer).__name__} (--optim {train_args.optim}), handed to "
+            "DeepSpeed as a client optimizer; zero_allow_untested_optimizer is set so that ZeRO accepts it")
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=plan.ds_config,
+        model=model, model_parameters=trainable, optimizer=optimizer, config=plan.ds_config,
         lr_scheduler=None if "scheduler" in plan.ds_config else make_lr_scheduler(train_args, total_steps))
     start_step = 0
     if plan.start.resume is not None:

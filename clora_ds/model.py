@@ -146,21 +146,59 @@ def choose_attention(requested: str, packing: bool) -> str:
     return attn
 
 
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, quant_type: str, dtype: torch.dtype):
+    """bitsandbytes settings of a QLoRA base (None: not quantized). 4-bit: NF4 (or FP4), double quantization, compute
+    and quant storage in the training dtype, so ZeRO-3 can partition the packed weights like any other parameter."""
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+
+
+def quantization_problems(load_in_4bit: bool, load_in_8bit: bool, ds_config: Optional[dict]) -> List[str]:
+    """What rules out a quantized base here, before any weight is read."""
+    if not (load_in_4bit or load_in_8bit):
+        return []
+    flag = "--load_in_4bit" if load_in_4bit else "--load_in_8bit"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        return [f"{flag} needs bitsandbytes ({err}): pip install 'clora_ds[qlora]'"]
+    zero = (ds_config or {}).get("zero_optimization", {})
+    if zero.get("stage") == 3 and load_in_8bit:
+        return ["--load_in_8bit cannot be sharded by ZeRO-3: LLM.int8 weights have no storage-dtype option, so DeepSpeed "
+                "cannot partition them; use --load_in_4bit (its quant storage is the training dtype) or ZeRO-2"]
+    if zero.get("stage") == 3 and zero.get("offload_param"):
+        return [f"{flag} with ZeRO-3 parameter offload (offload_param) is not supported: the offloaded 4-bit weights "
+                "would need their quantization state (absmax, the double-quant codebook), which ZeRO's offload does not "
+                "move with them; use ds_configs/zero3.json (weights sharded across GPUs) for QLoRA"]
+    return []
+
+
 def training_dtype(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
 
 def build_model(name_or_path: str, clora: CLoRAConfig, ds_config: dict, attn: str, dtype: torch.dtype,
                 gradient_checkpointing: bool = False, reentrant: bool = False, trust_remote_code: bool = False,
-                seed: int = 0):
+                seed: int = 0, quantization=None):
     """The base model (under zero.Init for ZeRO-3, so it is never whole on one rank) with CLoRA attached, every
     module in train mode, and activation checkpointing of the decoder layers when asked."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841 (from_pretrained checks it)
+    extra = {}
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+        if torch.cuda.is_available():  # bitsandbytes quantizes as the weights land on this rank's GPU
+            extra["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn,
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **extra)
     model.config.use_cache = False  # a KV cache in training also hides packed sequences from the mask builder
     torch.manual_seed(seed)
     model = attach_clora(model, clora, subspace_device="cuda" if torch.cuda.is_available() else None)

@@ -20,7 +20,7 @@ from .data import (GlobalBatches, TokenizedData, default_cache_dir, load_records
                    units_fingerprint)
 from .ds_config import precision_problems, read_deepspeed_config, resolve_ds_config
 from .errors import RunProblems, UserError
-from .model import choose_attention, inspect_model, target_problems
+from .model import choose_attention, inspect_model, quantization_problems, target_problems
 from .resume import identity_differences, resume_problems, run_identity
 from .run_dir import RunStart, inspect_output_dir, read_trainer_state
 
@@ -83,6 +83,7 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
     except UserError as err:
         problems.append(str(err))
     problems += precision_problems(train.bf16, train.fp16)
+    problems += quantization_problems(model.load_in_4bit, model.load_in_8bit, raw_ds)
     attention = None
     try:
         attention = choose_attention(model.attn_implementation, data.packing)
@@ -129,6 +130,8 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
         raise RunProblems(problems)
 
     precision = "bf16" if train.bf16 else "fp16" if train.fp16 else "fp32"
+    if model.load_in_4bit or model.load_in_8bit:  # the base the adapter is trained against is part of the run
+        precision += f" on a {'4-bit ' + model.bnb_4bit_quant_type if model.load_in_4bit else '8-bit'} base"
     data_id = {"train_file": str(data.train_file), "fingerprint": units_fingerprint(batches.units, data.packing),
                "units": len(batches.units), "packing": data.packing, "max_seq_length": data.max_seq_length,
                "dataset_format": train_data.dataset_format, "train_on_prompt": data.train_on_prompt}
@@ -137,7 +140,7 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
         scheduler["params"] = {k: v for k, v in scheduler["params"].items() if k != "total_num_steps"}
     optimizer = {"learning_rate": train.learning_rate, "weight_decay": train.weight_decay,
                  "lr_scheduler_type": train.lr_scheduler_type, "warmup_steps": train.warmup_steps,
-                 "max_grad_norm": train.max_grad_norm, "deepspeed optimizer": ds_config.get("optimizer"),
+                 "max_grad_norm": train.max_grad_norm, "optim": train.optim, "deepspeed optimizer": ds_config.get("optimizer"),
                  "deepspeed scheduler": scheduler or None}
     identity = run_identity(hf_config=hf_config, clora=clora, model_path=model.model_name_or_path, data=data_id,
                             global_batch=batches.global_batch, world=world, precision=precision, optimizer=optimizer,

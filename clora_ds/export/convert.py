@@ -108,6 +108,12 @@ def convert_checkpoint(checkpoint: PathLike, output_dir: PathLike, *, dtype: Opt
         log(f"verify: {result}")
         if not result.passed:
             raise CheckpointError(f"verification failed: {result}; nothing was written to {output_dir}")
+        if record.quantization:
+            from .verify import quantized_training_difference
+
+            diff = quantized_training_difference(written, weights, clora, base, record.quantization, merge)
+            log(f"verify: against the {record.quantization} base the adapter was trained on: max |Δlogit| = {diff:.3g} "
+                "(the quantization error of the base; reported, not checked)")
 
     if merge:
         log(f"merging into a copy of {base}, shard by shard")

@@ -37,6 +37,7 @@ class TrainingRecord:
     world_size: Optional[int] = None
     zero_stage: Optional[int] = None
     source: Optional[str] = None
+    quantization: Optional[str] = None  # "4-bit (nf4)" / "8-bit": the base the adapter was trained against
 
 
 
@@ -58,9 +59,12 @@ def read_training_record(layout: CheckpointLayout) -> TrainingRecord:
     dtype = None
     if arguments:
         dtype = "bf16" if arguments.get("bf16") else "fp16" if arguments.get("fp16") else "fp32"
+    quantization = (f"4-bit ({arguments.get('bnb_4bit_quant_type', 'nf4')})" if arguments.get("load_in_4bit")
+                    else "8-bit" if arguments.get("load_in_8bit") else None)
     return TrainingRecord(base_model=arguments.get("model_name_or_path"), train_file=arguments.get("train_file"), dtype=dtype,
                           step=step, epoch=state.get("epoch"), last_loss=_last_loss(tag_dir.parent / METRICS_FILE, step),
-                          world_size=layout.world_size, zero_stage=layout.zero_stage, source=str(tag_dir))
+                          world_size=layout.world_size, zero_stage=layout.zero_stage, source=str(tag_dir),
+                          quantization=quantization)
 
 
 @contextlib.contextmanager
@@ -128,6 +132,13 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
                   "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{record.base_model or "BASE_MODEL"}")',
                   'model = PeftModel.from_pretrained(base, "PATH")', "```", ""]
+    if record.quantization:
+        lines += [f"QLoRA: the adapter was trained on a {record.quantization} base (bitsandbytes), so it learned to correct "
+                  "the dequantized weights. Loading it on that quantized base reproduces training; "
+                  + ("this merged model applies the update to the unquantized weights instead, which differ from the "
+                     "dequantized ones by the quantization error (the converter's --verify reports the logit difference)."
+                     if merged else "on the full-precision base it sees weights that differ by the quantization error."),
+                  ""]
     steps = unknown if record.step is None else f"{record.step}" + ("" if record.epoch is None else f" (epoch {record.epoch:.3g})")
     parallel = unknown if record.world_size is None else f"{record.world_size} rank(s), ZeRO-{record.zero_stage}"
     rows = [("base model", record.base_model or unknown), ("training data", record.train_file or unknown),
@@ -135,7 +146,8 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
             ("target modules", _module_summary(modules)),
             ("CLoRA k / λ", f"{clora.k} / {clora.lam:g} (P init {clora.p_init}, seed {clora.seed}; see clora_config.json)"),
             ("steps", steps), ("last training loss", unknown if record.last_loss is None else f"{record.last_loss:.4f} (task loss)"),
-            ("training", f"{parallel}, {record.dtype or unknown}"), ("weights", weights_note),
+            ("training", f"{parallel}, {record.dtype or unknown}" + (f", on a {record.quantization} base" if record.quantization else "")),
+            ("weights", weights_note),
             ("exported from", record.source or unknown)]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     return "\n".join(front + lines)

@@ -84,3 +84,33 @@ def verify_export(written: Path, lora_weights: Mapping[str, torch.Tensor], clora
     largest = expected.abs().max().item()
     return Verification((got - expected).abs().max().item(), largest, rel_tolerance * max(1.0, largest), ids.numel())
 
+
+
+def quantized_training_difference(written: Path, lora_weights: Mapping[str, torch.Tensor], clora: CLoRAConfig,
+                                  base_model: PathLike, quantization: str, merged: bool) -> float:
+    """max |Δlogit| between the written result (on the full-precision base) and what a QLoRA run trained: its LoRA
+    weights on the 4-/8-bit base. The quantization error: reported, not a pass/fail check."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantization.startswith("4-bit"):
+        kind = quantization.split("(")[-1].rstrip(")") or "nf4"
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    modules = sorted({LORA_PARAM_RE.match(n).group("module") for n in lora_weights})
+    adapter_name = LORA_PARAM_RE.match(next(iter(lora_weights))).group("adapter")
+    with _quiet_model_loading():
+        quantized = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32, quantization_config=q)
+    trained = get_peft_model(quantized, clora.peft_lora_config(modules), adapter_name=adapter_name).eval()
+    params = dict(trained.named_parameters())
+    ids = _probe_inputs(quantized.config.vocab_size)
+    with torch.no_grad():
+        for name, w in lora_weights.items():
+            params[name].copy_(w)
+        expected = trained(input_ids=ids).logits
+        with _quiet_model_loading():
+            full = AutoModelForCausalLM.from_pretrained(str(written if merged else base_model), dtype=torch.float32)
+            model = (full if merged else PeftModel.from_pretrained(full, str(written))).eval()
+        return (model(input_ids=ids).logits - expected).abs().max().item()
