@@ -32,30 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from model_shapes import add_shape_args, apply_shapes  # noqa: E402
+from model_shapes import add_shape_args, apply_shapes, save_random_llama  # noqa: E402
 
 
 def build(root: Path, model_dir: Path, args):
     """Data under root; tokenizer and model in model_dir unless one is already there (--model_dir reuse)."""
-    import torch
-
-    from clora_ds.tiny import build_tiny_llama, record_text, sample_records, train_tokenizer
+    from clora_ds.tiny import record_text, sample_records
 
     write_data(root, args)
-    if (model_dir / "config.json").is_file():
-        return
-    tok = train_tokenizer([record_text(r) for r in sample_records(512)], model_dir, vocab_size=300)
-    # the model's vocabulary may be larger than the tokenizer's (7B shapes: 32000); ids stay < len(tok)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = build_tiny_llama(max(args.vocab, len(tok)), hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                 num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                 num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
-    if args.bf16:
-        model = model.to(torch.bfloat16)
-    model.save_pretrained(str(model_dir))
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if not (model_dir / "config.json").is_file():
+        save_random_llama(model_dir, [record_text(r) for r in sample_records(512)], args)
 
 
 def write_data(root: Path, args):

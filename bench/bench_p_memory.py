@@ -13,6 +13,10 @@ Part 2, measured: ``attach_clora`` on a small LLaMA (hidden 256, intermediate 68
 ``model.clora.p_nbytes`` and the bytes of the distinct storages actually allocated for P against
 the formula, to show the formula is what the implementation builds.
 
+Part 3, sharded P (``--clora_p_shard auto``: each of W data-parallel ranks keeps its share of every module's P
+columns): bytes per GPU at LLaMA-2-7B shapes for W = 1, 2, 8 (computed: the largest share, ``shard_columns``) and,
+for W = 2, measured on the small LLaMA (``p_nbytes`` of each rank's ``attach_clora(shard=(rank, 2))``).
+
 Run (CPU, a few seconds, < 1 GiB RAM):
     python bench/bench_p_memory.py
 """
@@ -120,6 +124,40 @@ def part2(ks, r):
     return all_ok
 
 
+def part3(ks, r):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clora_ds.adapter import shard_columns
+
+    shapes = llama_shapes(32, 4096, 11008, 32, 32)
+    per_column = sum(o + i for o, i in shapes.values())
+    print("\n## 3. Sharded P: bytes per GPU at LLaMA-2-7B shapes (the largest rank's share), computed\n")
+    print("| k | W | columns per rank (max) | float32 GB | bfloat16 GB | vs unsharded |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for k in ks:
+        for world in (1, 2, 8):
+            cols = max(shard_columns(k, w, world).stop - shard_columns(k, w, world).start for w in range(world))
+            print(f"| {k} | {world} | {cols} | {per_column * cols * 4 / 1e9:.3f} | {per_column * cols * 2 / 1e9:.3f} "
+                  f"| {cols / k:.3f}× |")
+    cfg = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
+    print("\nMeasured, W = 2, the small LLaMA (p_nbytes of each rank's attach_clora(shard=(rank, 2)), float32):\n")
+    print("| k | unsharded bytes | rank 0 | rank 1 | rank 0 + rank 1 == unsharded | max share / unsharded |")
+    print("|---:|---:|---:|---:|---|---:|")
+    ok = True
+    for k in (33, 64):
+        sizes = []
+        for shard in (None, (0, 2), (1, 2)):
+            torch.manual_seed(0)
+            model = attach_clora(LlamaForCausalLM(LlamaConfig(**cfg)), CLoRAConfig(r=r, k=k, target_modules=TARGETS),
+                                 shard=shard)
+            sizes.append(model.clora.p_nbytes)
+        full, a, b = sizes
+        ok &= a + b == full
+        print(f"| {k} | {full:,} | {a:,} | {b:,} | {'yes' if a + b == full else 'NO'} | {max(a, b) / full:.3f} |")
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ks", type=int, nargs="+", default=[512, 2048])
@@ -129,9 +167,10 @@ def main():
     print(f"# CLoRA subspace memory (torch {torch.__version__})\n")
     ok1 = part1(args.ks, args.r)
     ok2 = part2(args.small_ks, 8)
+    ok3 = part3(args.ks, 8)
     print(f"\nformula reproduces the authors' numbers: {'yes' if ok1 else 'NO'}; "
-          f"formula == bytes built by attach_clora: {'yes' if ok2 else 'NO'}")
-    if not (ok1 and ok2):
+          f"formula == bytes built by attach_clora: {'yes' if ok2 else 'NO'}; shards add up: {'yes' if ok3 else 'NO'}")
+    if not (ok1 and ok2 and ok3):
         raise SystemExit(1)
 
 

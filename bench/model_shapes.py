@@ -18,3 +18,24 @@ def apply_shapes(args) -> None:
     if args.llama2_7b:
         for key, value in LLAMA2_7B.items():
             setattr(args, key, value)
+
+
+def save_random_llama(model_dir, texts, args) -> None:
+    """A sentencepiece tokenizer (300 pieces) trained on ``texts`` and a random-init LLaMA of the shape flags, saved
+    in model_dir: built on the GPU when there is one, in bf16 with --bf16 (a 7B checkpoint is then 13.5 GB, not 27)."""
+    import torch
+
+    from clora_ds.tiny import build_tiny_llama, train_tokenizer
+
+    tok = train_tokenizer(texts, model_dir, vocab_size=300)
+    # the model's vocabulary may be larger than the tokenizer's (7B shapes: 32000); ids stay < len(tok)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = build_tiny_llama(max(args.vocab, len(tok)), hidden_size=args.hidden, intermediate_size=args.intermediate,
+                                 num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                 num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(str(model_dir))
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

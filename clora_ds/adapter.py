@@ -113,20 +113,27 @@ def target_modules_and_problems(model: torch.nn.Module, config: CLoRAConfig) -> 
 
 
 class CLoRARegularizer:
-    """Holds the fixed subspaces and the hooks; turns a task loss into task + λ·R."""
+    """Holds the fixed subspaces and the hooks; turns a task loss into task + λ·R.
 
-    def __init__(self, config: CLoRAConfig, subspaces: Dict[str, ModuleSubspace], adapter_name: str):
+    Sharded P (``shard_world`` = W > 1): this rank holds a disjoint share of every module's P columns, so its
+    penalty R_r covers its share and R = Σ_r R_r. The rank's term is W·λ·R_r: data-parallel training averages
+    gradients over the W ranks, which turns Σ_r W·λ·∇R_r / W into exactly λ·∇R. No extra communication; only the
+    logged R is summed over ranks (``total_penalty``).
+    """
+
+    def __init__(self, config: CLoRAConfig, subspaces: Dict[str, ModuleSubspace], adapter_name: str, shard_world: int = 1):
         self.config = config
         self.subspaces = subspaces
         self.adapter_name = adapter_name
+        self.shard_world = shard_world
         self.expected = 2 * len(subspaces)
-        self.scale = PenaltyScale(config.lam)
+        self.scale = PenaltyScale(config.lam * shard_world)
         self.last_penalty: Optional[torch.Tensor] = None
         self._handles: list = []
 
     # -- hooks ----------------------------------------------------------------------------------
     def _begin_forward(self, module, args, kwargs=None):
-        self.scale = PenaltyScale(self.config.lam)
+        self.scale = PenaltyScale(self.config.lam * self.shard_world)
 
     def _make_hook(self, name: str, side: str, numel: int):
         subspace = self.subspaces[name]
@@ -202,9 +209,28 @@ class CLoRARegularizer:
         handle = torch.zeros((), device=task_loss.device, requires_grad=True)
         return task_loss + PenaltyAnchor.apply(handle, penalty.to(task_loss.device), scale)
 
+    def total_penalty(self) -> torch.Tensor:
+        """R of the last training forward. With sharded P, the sum over ranks of their shares: a collective, so
+        every rank must call it (the launcher does, at logging steps)."""
+        if self.shard_world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return self.last_penalty
+        from .distributed import collective_device
+
+        total = self.last_penalty.detach().to(collective_device(), torch.float64).clone()
+        dist.all_reduce(total)
+        return total
+
     @property
     def p_nbytes(self) -> int:
+        """Bytes of P held by this rank (its share, with sharded P)."""
         return subspace_nbytes(self.subspaces.values())
+
+
+def shard_columns(k: int, rank: int, world: int) -> slice:
+    """The columns of a k-column P that ``rank`` of ``world`` keeps: contiguous, sizes differing by at most one."""
+    base, extra = divmod(k, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
 
 
 def attach_clora(
@@ -213,6 +239,7 @@ def attach_clora(
     adapter_name: str = "default",
     subspace_device: Optional[Union[str, torch.device]] = None,
     subspace_threads: Optional[int] = None,
+    shard: Optional[Tuple[int, int]] = None,
 ):
     """Wrap ``model`` in a PEFT LoRA model (``peft.get_peft_model``) and attach the CLoRA regularizer.
 
@@ -220,6 +247,8 @@ def attach_clora(
     Under ZeRO-3 (model built in ``deepspeed.zero.Init``) every rank must call this, since the svd_*
     inits gather each frozen W once. ``subspace_device`` is where the QR/SVD run (default CPU);
     ``subspace_threads`` draw the seeded Gaussians of orthogonal P (default: this rank's share of the cores).
+    ``shard=(rank, world)``: keep only this rank's share of each module's P columns (``shard_columns``); every rank
+    builds each module's full P (one module at a time: the same numbers as unsharded) and keeps its columns.
     """
     from peft import get_peft_model
 
@@ -229,20 +258,23 @@ def attach_clora(
     device = torch.device(subspace_device) if subspace_device is not None else None
     modules = dict(peft_model.named_modules())
     layers = {name: modules[PEFT_PREFIX + name] for name in sorted(targets)}
+    rank, world = shard or (0, 1)
+    columns = shard_columns(config.k, rank, world)
+    keep = (lambda p: p) if world == 1 else (lambda p: p[:, columns].contiguous())  # a copy: the full P is freed
     subspaces = {}
     if config.p_init == "orthogonal":
         shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
         for name, p_in, p_out in orthogonal_subspaces(shapes, config, device, subspace_threads):
-            subspaces[name] = ModuleSubspace(name, p_in, p_out)
+            subspaces[name] = ModuleSubspace(name, keep(p_in), keep(p_out))
     else:
         for name, layer in layers.items():
             base_layer = layer.get_base_layer()
             with _gathered([base_layer.weight]):  # the svd_* inits read W: dequantized for a 4-/8-bit base
                 p_in, p_out = build_module_subspaces(name, (layer.out_features, layer.in_features), config,
                                                      weight=dequantized_weight(base_layer), device=device)
-            subspaces[name] = ModuleSubspace(name, p_in, p_out)
+            subspaces[name] = ModuleSubspace(name, keep(p_in), keep(p_out))
 
-    regularizer = CLoRARegularizer(config, subspaces, adapter_name)
+    regularizer = CLoRARegularizer(config, subspaces, adapter_name, shard_world=world)
     regularizer.register(peft_model)
     peft_model.clora = regularizer
     return peft_model

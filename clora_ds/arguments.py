@@ -72,6 +72,7 @@ class TrainArguments:
     fp16: bool = field(default=False, metadata={"help": "float16 mixed precision with dynamic loss scaling (GPU only)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of decoder layers: recompute each layer's forward in backward instead of keeping its activations."})
     gradient_checkpointing_reentrant: bool = field(default=False, metadata={"help": "Use reentrant checkpointing (default non-reentrant)."})
+    clora_p_shard: str = field(default="auto", metadata={"help": "auto | off. auto: with more than one rank, each rank keeps 1/W of every module's P columns (the same subspaces and gradients, 1/W of P's memory, no extra communication); off: every rank keeps all of P."})
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N complete checkpoints (older complete ones are deleted)."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps (metrics.jsonl, progress bar, monitors)."})
@@ -134,6 +135,8 @@ def argument_problems(model: ModelArguments, data: DataArguments, clora_args, tr
     if train.fp16 and (model.load_in_4bit or model.load_in_8bit):
         problems.append("--fp16 with a quantized base (--load_in_4bit / --load_in_8bit) is not supported: train QLoRA in "
                         "--bf16 (or fp32); DeepSpeed's fp16 loss scaling over a bitsandbytes base is untested here")
+    if train.clora_p_shard not in ("auto", "off"):
+        problems.append(f"--clora_p_shard {train.clora_p_shard!r}: choose auto or off")
     if train.optim not in OPTIMIZERS:
         problems.append(f"--optim {train.optim!r}: choose {', '.join(OPTIMIZERS)}")
     if train.lr_scheduler_type not in HF_SCHEDULERS:

@@ -9,10 +9,14 @@ flash-attention's varlen kernels. Right padding needs no mask under causal atten
 sees keys at or before it, which are all real; the padded queries' outputs are dropped.
 
 Registered with transformers as ``clora_packed_sdpa``; batches with a 2-D attention_mask (padded, not
-packed) and unpacked rows go through transformers' SDPA unchanged.
+packed) and unpacked rows go through transformers' SDPA unchanged. On CUDA in bf16/fp16, ``clora_packed_varlen``
+runs packed rows through PyTorch's own flash varlen kernel (torch.nn.attention.varlen.varlen_attn) instead: one call
+per layer over the cumulative sequence lengths, no flash-attn build needed.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from typing import List, Optional, Tuple
 
@@ -22,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PACKED_SDPA = "clora_packed_sdpa"
+PACKED_VARLEN = "clora_packed_varlen"
 # a stack of sequences is padded to its longest; its attention work (Σ padded len²) may exceed the real
 # work (Σ len²) by at most this factor, or it is split (few stacks = few kernel launches)
 PAD_SLACK = 1.3
@@ -125,6 +130,82 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     return out.view(batch, length, heads, dim), None
 
 
+_last_cu: Tuple[Optional[weakref.ref], Optional[tuple]] = (None, None)
+
+
+def _cached_cu_seqlens(position_ids: torch.Tensor, batch: int):
+    """(cu_seqlens int32 [N+1], longest) of a forward's packed sequences: computed (one host sync) at the first layer,
+    reused by the others, which get the same position_ids tensor."""
+    global _last_cu
+    ref, value = _last_cu
+    if ref is None or ref() is not position_ids:
+        lengths = sequence_lengths(position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+        value = (cu.to(position_ids.device), max(lengths))
+        _last_cu = (weakref.ref(position_ids), value)
+    return value
+
+
+def varlen_available() -> bool:
+    """torch's own flash varlen kernel (torch.nn.attention.varlen.varlen_attn) exists here and can run: CUDA."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_params() -> frozenset:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_call(q, k, v, cu, longest, scaling):
+    """varlen_attn, causal, across torch versions (window_size=(-1, 0) in torch >= 2.11, is_causal before; enable_gqa
+    where it exists, else the key/value heads repeated; scale where it exists, else only the default 1/sqrt(d))."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_params()
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
+        raise RuntimeError(f"this torch's varlen_attn has no scale argument and the model scales by {scaling}; "
+                           f"use --attn_implementation sdpa")
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # repeat the key/value heads for the query heads that share them
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+
+
+def packed_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            position_ids: Optional[torch.Tensor] = None, **kwargs):
+    """Packed rows through PyTorch's flash varlen kernel: one call over the cumulative sequence lengths of the whole
+    batch (no grouping, no padding). query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None).
+    Anything else (a 2-D attention mask, unpacked rows, fp32, dropout, a head size the flash kernel does not take:
+    not a multiple of 8 or over 256) goes through ``packed_sdpa_attention``."""
+    batch, heads, length, dim = query.shape
+    packed = (attention_mask is None and position_ids is not None and key.shape[2] == length
+              and position_ids.shape[-1] == length and length > 1 and query.dtype in (torch.bfloat16, torch.float16)
+              and query.is_cuda and dim % 8 == 0 and dim <= 256 and not (dropout and module.training))
+    if not packed:
+        return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     position_ids=position_ids, **kwargs)
+    cu, longest = _cached_cu_seqlens(position_ids, batch)
+
+    def flat(x):  # [B, H, T, D] -> [B·T, H, D]
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)
+
+    out = _varlen_call(flat(query), flat(key), flat(value), cu, longest, scaling)
+    return out.view(batch, length, heads, dim), None
+
+
 def packed_sdpa_mask(*args, attention_mask=None, **kwargs):
     """No dense mask for packed rows (the attention cuts them into sequences); SDPA's mask otherwise."""
     if attention_mask is None:
@@ -134,3 +215,5 @@ def packed_sdpa_mask(*args, attention_mask=None, **kwargs):
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_SDPA, packed_sdpa_mask)
+AttentionInterface.register(PACKED_VARLEN, packed_varlen_attention)
+AttentionMaskInterface.register(PACKED_VARLEN, packed_sdpa_mask)

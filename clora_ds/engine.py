@@ -46,9 +46,13 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
 
     dtype = training_dtype(train_args.bf16, train_args.fp16)
     quantization = quantization_config(model_args.load_in_4bit, model_args.load_in_8bit, model_args.bnb_4bit_quant_type, dtype)
+    shard = (rank(), world_size()) if train_args.clora_p_shard == "auto" and world_size() > 1 else None
     model, keep_alive = build_model(model_args.model_name_or_path, plan.clora, plan.ds_config, plan.attention, dtype,
                                     train_args.gradient_checkpointing, train_args.gradient_checkpointing_reentrant,
-                                    model_args.trust_remote_code, train_args.seed, quantization)
+                                    model_args.trust_remote_code, train_args.seed, quantization, shard)
+    log(f"P: {model.clora.p_nbytes / 2**20:,.1f} MiB on this rank"
+        + (f" (sharded: {shard[1]} ranks hold a share of every module's k={plan.clora.k} columns each)" if shard
+           else " (every rank holds all of it; --clora_p_shard auto shards it across ranks)" if world_size() > 1 else ""))
     if quantization is not None:
         packed = sum(1 for m in model.modules() if type(getattr(m, "weight", None)).__name__ in ("Params4bit", "Int8Params"))
         log(f"base: {'4-bit ' + model_args.bnb_4bit_quant_type if model_args.load_in_4bit else '8-bit'} "
@@ -136,10 +140,10 @@ class StepLog:
         done = step + 1
         self.tokens += self.batches.real_tokens(step)
         if done % self.every == 0 or done == self.total_steps:
-            r = self.clora.last_penalty.item()
+            r = self.clora.total_penalty().item()  # with sharded P, summed over ranks (every rank is here)
             row = {"step": done, "epoch": round(done / self.batches.steps_per_epoch, 4), "task_loss": task_loss,
                    "penalty": self.clora.config.lam * r, "R": r, "lr": lr, "grad_norm": grad_norm(self.engine),
-                   "tokens_per_s": self.tokens / max(time.time() - self.since, 1e-9),
+                   "real_tokens": self.tokens, "tokens_per_s": self.tokens / max(time.time() - self.since, 1e-9),
                    "peak_mem_gb": round(peak_memory_gb(), 3)}
             self.tokens, self.since = 0, time.time()
             self.metrics.write(row)

@@ -125,12 +125,24 @@ def flash_attention_available() -> Tuple[bool, str]:
     return True, ""
 
 
-def choose_attention(requested: str, packing: bool) -> str:
+def head_size(hf_config) -> Optional[int]:
+    """Attention head size of a HF config (None when it has none to read)."""
+    if hf_config is None:
+        return None
+    size = getattr(hf_config, "head_dim", None)
+    if size is None and getattr(hf_config, "num_attention_heads", None):
+        size = hf_config.hidden_size // hf_config.num_attention_heads
+    return size
+
+
+def choose_attention(requested: str, packing: bool, half_precision: bool = False, head_dim: Optional[int] = None) -> str:
     """The attn_implementation to build the model with.
 
     auto: flash_attention_2 when flash-attn imports on CUDA (its varlen kernels handle packed rows), else
-    SDPA. SDPA with --packing runs per packed sequence (clora_ds.attention) instead of over a dense
-    block-diagonal mask: same result, Σ len² work instead of T² per row.
+    SDPA. With --packing, SDPA becomes PyTorch's own flash varlen kernel on CUDA in bf16/fp16 (clora_packed_varlen;
+    its flash kernel takes head sizes that are multiples of 8 up to 256), else a per-sequence SDPA (clora_packed_sdpa):
+    never a dense block-diagonal mask, so Σ len² work instead of T² per row. An explicit sdpa with --packing takes the
+    per-sequence SDPA.
     """
     flash_ready, why_not = flash_attention_available()
     attn = requested
@@ -140,9 +152,10 @@ def choose_attention(requested: str, packing: bool) -> str:
         raise ConfigError(f"--attn_implementation flash_attention_2: {why_not}. Use --attn_implementation sdpa (or auto, "
                           "which picks flash_attention_2 only where it works)")
     if attn == "sdpa" and packing:
-        from .attention import PACKED_SDPA
+        from .attention import PACKED_SDPA, PACKED_VARLEN, varlen_available
 
-        return PACKED_SDPA
+        head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= 256)
+        return PACKED_VARLEN if requested == "auto" and half_precision and head_ok and varlen_available() else PACKED_SDPA
     return attn
 
 
@@ -185,7 +198,7 @@ def training_dtype(bf16: bool, fp16: bool) -> torch.dtype:
 
 def build_model(name_or_path: str, clora: CLoRAConfig, ds_config: dict, attn: str, dtype: torch.dtype,
                 gradient_checkpointing: bool = False, reentrant: bool = False, trust_remote_code: bool = False,
-                seed: int = 0, quantization=None):
+                seed: int = 0, quantization=None, shard: Optional[Tuple[int, int]] = None):
     """The base model (under zero.Init for ZeRO-3, so it is never whole on one rank) with CLoRA attached, every
     module in train mode, and activation checkpointing of the decoder layers when asked."""
     from transformers import AutoModelForCausalLM
@@ -201,7 +214,7 @@ def build_model(name_or_path: str, clora: CLoRAConfig, ds_config: dict, attn: st
                                                  trust_remote_code=trust_remote_code, **extra)
     model.config.use_cache = False  # a KV cache in training also hides packed sequences from the mask builder
     torch.manual_seed(seed)
-    model = attach_clora(model, clora, subspace_device="cuda" if torch.cuda.is_available() else None)
+    model = attach_clora(model, clora, subspace_device="cuda" if torch.cuda.is_available() else None, shard=shard)
     if gradient_checkpointing:
         kwargs = {"use_reentrant": reentrant}
         if hasattr(model.get_base_model(), "activation_checkpointing_enable"):  # transformers >= 5.2x

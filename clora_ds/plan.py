@@ -20,7 +20,7 @@ from .data import (GlobalBatches, TokenizedData, default_cache_dir, load_records
                    units_fingerprint)
 from .ds_config import precision_problems, read_deepspeed_config, resolve_ds_config
 from .errors import RunProblems, UserError
-from .model import choose_attention, inspect_model, quantization_problems, target_problems
+from .model import choose_attention, head_size, inspect_model, quantization_problems, target_problems
 from .resume import identity_differences, resume_problems, run_identity
 from .run_dir import RunStart, inspect_output_dir, read_trainer_state
 
@@ -84,13 +84,13 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
         problems.append(str(err))
     problems += precision_problems(train.bf16, train.fp16)
     problems += quantization_problems(model.load_in_4bit, model.load_in_8bit, raw_ds)
-    attention = None
-    try:
-        attention = choose_attention(model.attn_implementation, data.packing)
-    except UserError as err:
-        problems.append(str(err))
     hf_config, tokenizer, model_problems = inspect_model(model.model_name_or_path, model.trust_remote_code)
     problems += model_problems
+    attention = None
+    try:
+        attention = choose_attention(model.attn_implementation, data.packing, train.bf16 or train.fp16, head_size(hf_config))
+    except UserError as err:
+        problems.append(str(err))
     if hf_config is not None and clora is not None:
         problems += target_problems(hf_config, clora, model.trust_remote_code)
 

@@ -261,3 +261,26 @@ def test_penalty_evaluations_per_step(tiny_model_dir, monkeypatch, checkpointing
     ids = input_ids(model.config.vocab_size)
     model.clora.penalty_term(model(input_ids=ids, labels=ids).loss).backward()
     assert len(calls) == per_module * 2 * len(model.clora.subspaces)
+
+
+def test_sharded_p_is_the_unsharded_p_split_by_columns(tiny_model_dir):
+    """Every rank's share of P, put back together, is the unsharded P bit for bit; each rank holds ~1/W of it."""
+    from clora_ds.adapter import shard_columns
+
+    def subspaces(shard=None, k=7):
+        return attach_clora(load(tiny_model_dir, torch.float32), CLoRAConfig(r=2, k=k, dropout=0.0, target_modules="all-linear"),
+                            shard=shard).clora
+
+    for world in (2, 3):
+        full = subspaces()
+        shards = [subspaces((r, world)) for r in range(world)]
+        for name, sub in full.subspaces.items():
+            for side in ("p_in", "p_out"):
+                joined = torch.cat([getattr(s.subspaces[name], side) for s in shards], dim=1)
+                assert torch.equal(joined, getattr(sub, side)), (world, name, side)
+        sizes = [s.p_nbytes for s in shards]
+        per_column = full.p_nbytes / 7
+        assert sum(sizes) == full.p_nbytes and max(sizes) - min(sizes) <= per_column * 1.0001
+        assert all(abs(size - full.p_nbytes / world) <= per_column for size in sizes)
+    assert [shard_columns(5, r, 2) for r in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert [shard_columns(2, r, 3) for r in range(3)] == [slice(0, 1), slice(1, 2), slice(2, 2)]  # k < W: some empty

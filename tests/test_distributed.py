@@ -23,6 +23,7 @@ LAYOUTS = [  # (name, micro batch per rank, accumulation) with 2 ranks: 2·micro
     ("nonreentrant-ga2", 1, 2, "nonreentrant"),
 ]
 TOL = 1e-5
+SHARDED = [LAYOUTS[0], LAYOUTS[3], LAYOUTS[5]]  # no checkpointing / reentrant + accumulation / non-reentrant + accumulation
 
 
 def _runs(layouts, **extra):
@@ -45,18 +46,18 @@ def single_process(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def _assert_same(got, ref, what):
+def _assert_same(got, ref, what, tol=TOL):
     (g_log, g_w), (r_log, r_w) = got, ref
     assert len(g_log["losses"]) == STEPS
     for a, b in zip(g_log["losses"], r_log["losses"]):
-        assert abs(a - b) <= TOL, f"{what}: losses {g_log['losses']} vs {r_log['losses']}"
+        assert abs(a - b) <= tol, f"{what}: losses {g_log['losses']} vs {r_log['losses']}"
     for a, b in zip(g_log["penalties"], r_log["penalties"]):
-        assert abs(a - b) <= TOL * max(1.0, abs(b)), f"{what}: penalties {g_log['penalties']} vs {r_log['penalties']}"
+        assert abs(a - b) <= tol * max(1.0, abs(b)), f"{what}: penalties {g_log['penalties']} vs {r_log['penalties']}"
     assert g_w.keys() == r_w.keys() and len(g_w) == 2 * 7 * 2
     for k in r_w:
         assert g_w[k].shape == r_w[k].shape and g_w[k].numel() > 0, f"{what}: {k} has shape {tuple(g_w[k].shape)}"
         diff = (g_w[k] - r_w[k]).abs().max().item()
-        assert diff <= TOL, f"{what}: {k} differs by {diff}"
+        assert diff <= tol, f"{what}: {k} differs by {diff}"
 
 
 def test_reference_is_sensitive_to_the_penalty(single_process):
@@ -71,14 +72,23 @@ def test_reference_is_sensitive_to_the_penalty(single_process):
 def test_zero_matches_single_process(stage, single_process, tiny_model_dir, tmp_path):
     runs = _runs(LAYOUTS)
     runs[0]["save_adapter"] = True
+    # P sharded over the 2 ranks (each keeps 3 of k=6 columns; 2 and 3 of k=5): same losses, R and weights
+    runs += [{**r, "name": r["name"] + "-shard", "p_shard": True} for r in _runs(SHARDED)]
+    runs += [{"name": "k5", "micro_batch": 1, "grad_accum": 2, "checkpointing": "nonreentrant", "steps": STEPS, "k": 5},
+             {"name": "k5-shard", "micro_batch": 1, "grad_accum": 2, "checkpointing": "nonreentrant", "steps": STEPS,
+              "k": 5, "p_shard": True}]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     proc = run_checked(deepspeed_cmd(2) + [str(SCRIPTS / "clora_steps.py"), "--backend", "deepspeed", "--zero_stage", str(stage),
                                            "--model", str(tiny_model_dir), "--out", str(tmp_path), "--runs", str(tmp_path / "runs.json")],
                        timeout=1200)
-    assert proc.stdout.count(f"deepspeed zero={stage} none-mb2") == 2, "both ranks must report"
+    assert proc.stdout.count(f"deepspeed zero={stage} none-mb2:") == 2, "both ranks must report"
     ref = _results(single_process, "ref")
     for name, *_ in LAYOUTS:
         _assert_same(_results(tmp_path, name), ref, f"ZeRO-{stage} {name}")
+    for name, *_ in SHARDED:
+        _assert_same(_results(tmp_path, name + "-shard"), _results(tmp_path, name), f"ZeRO-{stage} {name}, sharded P",
+                     tol=1e-6)
+    _assert_same(_results(tmp_path, "k5-shard"), _results(tmp_path, "k5"), f"ZeRO-{stage} k=5 (uneven), sharded P", tol=1e-6)
     # the adapter gathered and saved under ZeRO holds the same, full-shape weights
     adapter = load_file(str(tmp_path / "none-mb2-adapter" / "adapter_model.safetensors"))
     weights = _results(tmp_path, "none-mb2")[1]

@@ -58,14 +58,20 @@ def _packed_batch(lengths, vocab=97, seed=0):
     return rows, collate_packed(rows, pad_id=0)
 
 
-@pytest.mark.parametrize("attn", ["clora_packed_sdpa", "flash_attention_2"])
-def test_packed_rows_bf16_cuda_vs_fp64_each_sequence(attn):
+@pytest.mark.parametrize("attn", ["clora_packed_sdpa", "clora_packed_varlen", "flash_attention_2"])
+def test_packed_rows_bf16_cuda_vs_fp64_each_sequence(attn, monkeypatch):
     """Packed bf16 rows on CUDA against each sequence run alone in fp64 on CPU."""
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn", reason="flash-attn is not installed")
     from transformers import LlamaForCausalLM
 
-    import clora_ds.attention  # noqa: F401  (registers clora_packed_sdpa)
+    import clora_ds.attention as attention  # registers clora_packed_sdpa / clora_packed_varlen
+
+    if attn == "clora_packed_varlen" and not attention.varlen_available():
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    calls = []
+    real_call = attention._varlen_call
+    monkeypatch.setattr(attention, "_varlen_call", lambda *a, **k: calls.append(1) or real_call(*a, **k))
 
     cfg, ref = _tiny_llama_pair()
     model = LlamaForCausalLM(copy.deepcopy(cfg)).to("cuda", torch.bfloat16)
@@ -81,6 +87,38 @@ def test_packed_rows_bf16_cuda_vs_fp64_each_sequence(attn):
                 alone = ref(input_ids=batch["input_ids"][b:b + 1, t:t + n], use_cache=False).logits[0]
                 assert _rel(out[b, t:t + n], alone) < 2e-2, (attn, b, t, n)
                 t += n
+    # the varlen kernel really ran: one call per layer over the whole packed batch
+    assert len(calls) == (cfg.num_hidden_layers if attn == "clora_packed_varlen" else 0)
+
+
+def test_packed_varlen_gradients_match_fp64_each_sequence():
+    """Backward through torch's varlen kernel: bf16 gradients of a packed batch vs the fp64 sum over each sequence alone."""
+    from transformers import LlamaForCausalLM
+
+    import clora_ds.attention as attention
+
+    if not attention.varlen_available():
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    cfg, ref = _tiny_llama_pair()
+    model = LlamaForCausalLM(copy.deepcopy(cfg)).to("cuda", torch.bfloat16)
+    model.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
+    model.set_attn_implementation(attention.PACKED_VARLEN)
+    rows, batch = _packed_batch([[5, 300, 3, 17, 1, 90], [600, 2, 2, 8]], seed=1)
+    out = model(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False).logits
+    lse = out.float().logsumexp(-1)
+    sum(lse[b, :sum(len(ex["input_ids"]) for ex in row)].sum() for b, row in enumerate(rows)).backward()  # no pads
+    total = 0
+    for b, row in enumerate(rows):
+        t = 0
+        for ex in row:
+            n = len(ex["input_ids"])
+            total = total + ref(input_ids=batch["input_ids"][b:b + 1, t:t + n], use_cache=False).logits.logsumexp(-1).sum()
+            t += n
+    total.backward()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+                 "model.layers.0.mlp.down_proj.weight"):
+        got, want = model.get_parameter(name).grad, ref.get_parameter(name).grad
+        assert _rel(got, want) < 3e-2, (name, _rel(got, want))
 
 
 @pytest.mark.slow
@@ -91,16 +129,27 @@ def test_launcher_bf16_one_gpu_packed(attn, tiny_model_dir, tmp_path):
         pytest.importorskip("flash_attn", reason="flash-attn is not installed")
     from safetensors.torch import load_file
 
+    import shutil
+
+    from clora_ds.tiny import build_tiny_llama
+
+    # head size 16 (the shared tiny model's 10 is below what flash kernels take, so auto would not pick varlen)
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    build_tiny_llama(vocab, hidden_size=64, num_attention_heads=4, num_key_value_heads=2).save_pretrained(str(model_dir))
     out = tmp_path / "run"
     run_checked([sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
-                 "--model_name_or_path", str(tiny_model_dir), "--train_file", str(DATA / "alpaca_tiny.jsonl"),
+                 "--model_name_or_path", str(model_dir), "--train_file", str(DATA / "alpaca_tiny.jsonl"),
                  "--output_dir", str(out), "--max_steps", "12", "--learning_rate", "1e-2", "--bf16", "--packing",
                  "--per_device_train_batch_size", "2", "--max_seq_length", "256", "--lora_r", "4", "--lora_alpha", "8",
                  "--clora_k", "5", "--logging_steps", "1", "--save_steps", "6", "--attn_implementation", attn])
     cfg = json.loads((out / "train_config.json").read_text())
+    from clora_ds.attention import varlen_available
     from clora_ds.model import flash_attention_available
 
-    auto_choice = "flash_attention_2" if flash_attention_available()[0] else "clora_packed_sdpa"
+    auto_choice = ("flash_attention_2" if flash_attention_available()[0] else
+                   "clora_packed_varlen" if varlen_available() else "clora_packed_sdpa")
     assert cfg["attention"] == (auto_choice if attn == "auto" else "flash_attention_2")
     assert cfg["deepspeed"]["bf16"]["enabled"] is True
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "task_loss" in l]

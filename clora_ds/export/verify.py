@@ -52,45 +52,56 @@ def _probe_inputs(vocab_size: int, n: int = 3, length: int = 16, seed: int = 0) 
     return torch.randint(0, vocab_size, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _with_lora(base, lora_weights: Mapping[str, torch.Tensor], clora: CLoRAConfig, where: PathLike):
+    """``base`` wrapped in PEFT with exactly the checkpoint's LoRA weights set (the reference a result must match)."""
+    from peft import get_peft_model
+
+    modules = sorted({LORA_PARAM_RE.match(n).group("module") for n in lora_weights})
+    adapter_name = LORA_PARAM_RE.match(next(iter(lora_weights))).group("adapter")
+    model = get_peft_model(base, clora.peft_lora_config(modules), adapter_name=adapter_name).eval()
+    params = dict(model.named_parameters())
+    lora_params = {n for n in params if LORA_PARAM_RE.match(n)}
+    if lora_params != set(lora_weights):
+        raise CheckpointError(f"the LoRA parameters of {where} with these settings do not match the checkpoint's "
+                              f"({len(lora_params)} vs {len(lora_weights)}, e.g. {sorted(lora_params ^ set(lora_weights))[:2]})")
+    with torch.no_grad():
+        for name, w in lora_weights.items():
+            params[name].copy_(w)
+    return model
+
+
+def _written_logits(written: Path, merged: bool, full_base, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the result as a user loads it: the merged model, or plain PEFT on the full-precision base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_model_loading(), torch.no_grad():
+        model = (AutoModelForCausalLM.from_pretrained(str(written), dtype=torch.float32) if merged
+                 else PeftModel.from_pretrained(full_base(), str(written))).eval()
+        return model(input_ids=ids).logits
+
+
 def verify_export(written: Path, lora_weights: Mapping[str, torch.Tensor], clora: CLoRAConfig, base_model: PathLike,
                   merged: bool, rel_tolerance: float) -> Verification:
     """Logits of the written adapter (loaded with plain ``PeftModel.from_pretrained``) or merged model, against
     the base with the checkpoint's fp32 LoRA weights set directly, on a few random inputs; fp32 throughout."""
-    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    modules = sorted({LORA_PARAM_RE.match(n).group("module") for n in lora_weights})
-    adapter_name = LORA_PARAM_RE.match(next(iter(lora_weights))).group("adapter")
     with _quiet_model_loading():
-        base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
-    reference = get_peft_model(base, clora.peft_lora_config(modules), adapter_name=adapter_name).eval()
-    params = dict(reference.named_parameters())
-    lora_params = {n for n in params if LORA_PARAM_RE.match(n)}
-    if lora_params != set(lora_weights):
-        raise CheckpointError(f"the LoRA parameters of {base_model} with these settings do not match the checkpoint's "
-                              f"({len(lora_params)} vs {len(lora_weights)}, e.g. {sorted(lora_params ^ set(lora_weights))[:2]})")
-    ids = _probe_inputs(base.config.vocab_size)
+        reference = _with_lora(AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32), lora_weights,
+                               clora, base_model)
+    ids = _probe_inputs(reference.config.vocab_size)
     with torch.no_grad():
-        for name, w in lora_weights.items():
-            params[name].copy_(w)
         expected = reference(input_ids=ids).logits
-        with _quiet_model_loading():
-            if merged:
-                del reference, base, params
-                model = AutoModelForCausalLM.from_pretrained(str(written), dtype=torch.float32).eval()
-            else:
-                model = PeftModel.from_pretrained(reference.unload(), str(written)).eval()
-        got = model(input_ids=ids).logits
+    got = _written_logits(written, merged, lambda: reference.unload(), ids)
     largest = expected.abs().max().item()
     return Verification((got - expected).abs().max().item(), largest, rel_tolerance * max(1.0, largest), ids.numel())
-
 
 
 def quantized_training_difference(written: Path, lora_weights: Mapping[str, torch.Tensor], clora: CLoRAConfig,
                                   base_model: PathLike, quantization: str, merged: bool) -> float:
     """max |Δlogit| between the written result (on the full-precision base) and what a QLoRA run trained: its LoRA
     weights on the 4-/8-bit base. The quantization error: reported, not a pass/fail check."""
-    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if quantization.startswith("4-bit"):
@@ -99,18 +110,11 @@ def quantized_training_difference(written: Path, lora_weights: Mapping[str, torc
                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
-    modules = sorted({LORA_PARAM_RE.match(n).group("module") for n in lora_weights})
-    adapter_name = LORA_PARAM_RE.match(next(iter(lora_weights))).group("adapter")
     with _quiet_model_loading():
-        quantized = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32, quantization_config=q)
-    trained = get_peft_model(quantized, clora.peft_lora_config(modules), adapter_name=adapter_name).eval()
-    params = dict(trained.named_parameters())
-    ids = _probe_inputs(quantized.config.vocab_size)
+        trained = _with_lora(AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32,
+                                                                  quantization_config=q), lora_weights, clora, base_model)
+    ids = _probe_inputs(trained.config.vocab_size)
     with torch.no_grad():
-        for name, w in lora_weights.items():
-            params[name].copy_(w)
         expected = trained(input_ids=ids).logits
-        with _quiet_model_loading():
-            full = AutoModelForCausalLM.from_pretrained(str(written if merged else base_model), dtype=torch.float32)
-            model = (full if merged else PeftModel.from_pretrained(full, str(written))).eval()
-        return (model(input_ids=ids).logits - expected).abs().max().item()
+    got = _written_logits(written, merged, lambda: AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32), ids)
+    return (got - expected).abs().max().item()

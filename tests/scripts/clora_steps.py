@@ -4,7 +4,7 @@
     deepspeed --num_gpus 2 tests/scripts/clora_steps.py --backend deepspeed --zero_stage 3 ...
 
 RUNS.json is a list of {"name", "micro_batch", "grad_accum", "checkpointing": none|reentrant|nonreentrant,
-"lam", "k", "lr", "steps"}. Every run sees the same global batches (global batch = world · micro · accum
+"lam", "k", "lr", "steps", "p_shard" (each rank keeps its share of P's columns)}. Every run sees the same global batches (global batch = world · micro · accum
 rows of one fixed token tensor), so every backend and layout should reach the same numbers. Rank 0
 writes O/NAME.json (losses, penalties) and O/NAME.safetensors (gathered LoRA weights); runs with
 "save_adapter" also write the PEFT adapter to O/NAME-adapter.
@@ -37,7 +37,8 @@ def build(args, run, ds_config=None):
     torch.manual_seed(run.get("lora_seed", 7))  # same LoRA init whatever the loading path consumed
     cfg = CLoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=run.get("targets", "all-linear"),
                       k=run.get("k", 6), lam=run.get("lam", 1.0), p_init=run.get("p_init", "orthogonal"), seed=3)
-    model = attach_clora(model, cfg)
+    shard = (dist.get_rank(), dist.get_world_size()) if run.get("p_shard") and dist.is_initialized() else None
+    model = attach_clora(model, cfg, shard=shard)
     if run["checkpointing"] != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": run["checkpointing"] == "reentrant"})
         model.enable_input_require_grads()
@@ -116,7 +117,7 @@ def run_deepspeed(args, run):
             engine.step()
             step_loss += out.loss.detach() / accum
         losses.append(mean_over_ranks(step_loss))
-        penalties.append(engine.module.clora.last_penalty.item())
+        penalties.append(engine.module.clora.total_penalty().item())
     del hf_ds
     return engine, losses, penalties
 
