@@ -5,7 +5,10 @@ LLaMA, SmolLM2-135M-Instruct, offline (--real; meant for a GPU, runs on a CPU sl
     python bench/bench_forgetting.py --real --assets_dir assets/   # needs python launch/prepare_assets.py smollm2 bbh
 
 quick: a small LLaMA (hidden 64, 4 layers) is pretrained from scratch (full fine-tuning, in this script) on domain A
-(which of 20 words are fruits, asked as boolq and winogrande ask) until it answers A; then adapters are fine-tuned on
+(which of 20 words are fruits, asked as boolq and winogrande ask) until it answers A; it also meets B's 20 words, in
+A's true/false question ("is red a fruit?" false), so it knows them as words (their embeddings are trained) but
+not B's fact. Without that, B's words keep random embeddings no adapter touches, and no adapter learned B in 400
+steps at any lr tried. Then adapters are fine-tuned on
 domain B (which of 20 words are colours, same two formats) by launch/train.py with the same steps and lr: LoRA
 (λ = 0) and CLoRA over a k-sweep (λ = 1, and a larger λ at the largest k). Every number comes from
 launch/evaluate.py: B accuracy (gain over the base), A accuracy (its drop from the base is the forgetting), and the
@@ -54,7 +57,7 @@ def run(cmd, log: Path, env=None):
 # ---------------------------------------------------------------------------------------------------
 # quick: a tiny LLaMA pretrained on A, adapters fine-tuned on B
 # ---------------------------------------------------------------------------------------------------
-def pretrain_base(work: Path, a_train, steps: int, seed: int = 0) -> Path:
+def pretrain_base(work: Path, a_train, steps: int, seed: int = 0, reuse: bool = True) -> Path:
     """A small LLaMA trained from scratch (all weights) on domain A: the 'pretrained model' whose knowledge the
     adapters may erase. Saved as an HF model directory with its tokenizer."""
     import torch
@@ -63,7 +66,7 @@ def pretrain_base(work: Path, a_train, steps: int, seed: int = 0) -> Path:
     from clora_ds.tiny import build_tiny_llama, train_tokenizer
 
     out = work / "base"
-    if (out / "config.json").is_file():
+    if reuse and (out / "config.json").is_file():
         return out
     texts = [f"{r['instruction']} {r['output']}" for r in a_train + [b_record(w, k) for w in COLOURS + TOOLS
                                                                       for k in ("bool", "option")]]
@@ -86,14 +89,14 @@ def pretrain_base(work: Path, a_train, steps: int, seed: int = 0) -> Path:
 
 
 def train_adapter(base: Path, train_file: Path, out: Path, k: int, lam: float, seed: int, steps: int, lr: float,
-                  batch: int = 16):
+                  batch: int = 16, reuse: bool = True):
     cmd = [sys.executable, ROOT / "launch" / "train.py", "--deepspeed", ROOT / "ds_configs" / "zero2.json",
            "--model_name_or_path", base, "--train_file", train_file, "--output_dir", out, "--overwrite_output_dir",
            "--max_steps", steps, "--per_device_train_batch_size", batch, "--learning_rate", lr, "--lora_r", 8,
            "--lora_alpha", 16, "--lora_dropout", 0, "--target_modules", "q_proj,k_proj,v_proj,up_proj,down_proj",
            "--clora_k", k, "--clora_lambda", lam, "--seed", seed, "--save_steps", 0, "--logging_steps", 25,
            "--max_seq_length", 256]
-    if (out / "adapter" / "adapter_config.json").is_file():  # trained by an earlier, interrupted run: reuse it
+    if reuse and (out / "adapter" / "adapter_config.json").is_file():  # trained by an earlier, interrupted run
         return out / "adapter"
     out.parent.mkdir(parents=True, exist_ok=True)
     run(cmd, out.parent / f"{out.name}.train.log")
@@ -101,7 +104,7 @@ def train_adapter(base: Path, train_file: Path, out: Path, k: int, lam: float, s
 
 
 def quick(args):
-    from clora_ds.tiny import ANIMALS, FRUITS, fact_record
+    from clora_ds.tiny import ANIMALS, COLOURS, FRUITS, TOOLS, fact_record
 
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +112,10 @@ def quick(args):
     b_all = [b_record(w, k) for w in COLOURS + TOOLS for k in ("bool", "option")]
     a_test, b_test = write_jsonl(work / "A.jsonl", a_all), write_jsonl(work / "B.jsonl", b_all)
     b_train = write_jsonl(work / "B_train.jsonl", b_all * 8)
-    base = pretrain_base(work, a_all, args.pretrain_steps)
+    # the base also meets B's words, in A's true/false question ("is red a fruit?" false): it knows the words, as a
+    # pretrained model would, and nothing of B's fact (which of them are colours)
+    known = [fact_record(w, "bool") for w in COLOURS + TOOLS]
+    base = pretrain_base(work, a_all + known, args.pretrain_steps, reuse=not args.fresh)
     variants = [("lora", max(args.k), 0.0)] + [(f"k{k}", k, 1.0) for k in args.k] + \
                [(f"k{max(args.k)}_lam{args.big_lambda:g}", max(args.k), args.big_lambda)]
     results = {}
@@ -121,7 +127,8 @@ def quick(args):
         adapters = []
         for name, k, lam in variants:
             started = time.time()
-            adapters.append((name, train_adapter(base, b_train, work / f"s{seed}" / name, k, lam, seed, args.steps, args.lr)))
+            adapters.append((name, train_adapter(base, b_train, work / f"s{seed}" / name, k, lam, seed, args.steps, args.lr,
+                                                 reuse=not args.fresh)))
             print(f"seed {seed} {name}: trained in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
         cmd = [sys.executable, ROOT / "launch" / "evaluate.py", "--base_model", base, "--task_file", f"A={a_test}",
                "--task_file", f"B={b_test}", "--f_file", a_test, "--output_dir", eval_dir, "--overwrite",
@@ -242,7 +249,7 @@ def real(args):
             results[seed] = json.loads((eval_dir / "eval_results.json").read_text())["models"]
             continue
         adapters = [(name, train_adapter(base, b_train, work / f"s{seed}" / name, k, lam, seed, args.steps, args.lr,
-                                         args.batch_size)) for name, k, lam in variants]
+                                         args.batch_size, reuse=not args.fresh)) for name, k, lam in variants]
         cmd = [sys.executable, ROOT / "launch" / "evaluate.py", "--base_model", base, "--task_file", f"B={b_test}",
                "--loss_file", f"text={text_file}", "--f_file", text_file, "--lm_eval_tasks", "clora_bbh_mc",
                "--lm_eval_data_dir", assets, "--lm_eval_limit", args.bbh_items, "--output_dir", eval_dir, "--overwrite",
@@ -270,12 +277,12 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (quick: 120; real: 100)")
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (quick: 1e-2; real: 2e-4)")
     ap.add_argument("--batch_size", type=int, default=16, help="real: examples per fine-tuning step (quick: 16)")
-    ap.add_argument("--pretrain_steps", type=int, default=200, help="quick: full-training steps of the base on A")
+    ap.add_argument("--pretrain_steps", type=int, default=500, help="quick: full-training steps of the base on A")
     ap.add_argument("--assets_dir", default="assets", help="real: where prepare_assets.py put smollm2 and bbh")
     ap.add_argument("--bbh_items", type=int, default=20, help="real: items per BBH-source task (lm-eval --limit)")
     ap.add_argument("--text_per_task", type=int, default=8, help="real: general-text inputs per BIG-bench task")
-    ap.add_argument("--fresh", action="store_true", help="retrain and re-evaluate seeds already evaluated in --out "
-                    "(default: reuse them, so an interrupted run continues)")
+    ap.add_argument("--fresh", action="store_true", help="retrain the base (quick) and every adapter and "
+                    "re-evaluate (default: reuse what --out holds, so an interrupted run continues)")
     args = ap.parse_args()
     args.k = args.k or ([4, 16] if args.quick else [16, 64, 128])
     args.steps = args.steps or (120 if args.quick else 100)
