@@ -7,8 +7,8 @@ LLaMA, SmolLM2-135M-Instruct, offline (--real; meant for a GPU, runs on a CPU sl
 quick: a small LLaMA (hidden 64, 4 layers) is pretrained from scratch (full fine-tuning, in this script) on domain A
 (which of 20 words are fruits, asked as boolq and winogrande ask) until it answers A; it also meets B's 20 words, in
 A's true/false question ("is red a fruit?" false), so it knows them as words (their embeddings are trained) but
-not B's fact. Without that, B's words keep random embeddings no adapter touches, and no adapter learned B in 400
-steps at any lr tried. Then adapters are fine-tuned on
+not B's fact. Without that, B's words keep random embeddings no adapter touches, and no adapter learned B (LoRA at lr
+1e-2 and 3e-3 over 120 steps, 1e-3 over 80, 1e-2 over 400). Then adapters are fine-tuned on
 domain B (which of 20 words are colours, same two formats) by launch/train.py with the same steps and lr: LoRA
 (λ = 0) and CLoRA over a k-sweep (λ = 1, and a larger λ at the largest k). Every number comes from
 launch/evaluate.py: B accuracy (gain over the base), A accuracy (its drop from the base is the forgetting), and the
