@@ -72,11 +72,15 @@ def test_reference_is_sensitive_to_the_penalty(single_process):
 def test_zero_matches_single_process(stage, single_process, tiny_model_dir, tmp_path):
     runs = _runs(LAYOUTS)
     runs[0]["save_adapter"] = True
-    # P sharded over the 2 ranks (each keeps 3 of k=6 columns; 2 and 3 of k=5): same losses, R and weights
+    # P sharded over the 2 ranks (each keeps 3 of k=6 columns; 3 and 2 of k=5; 1 and 0 of k=1): same losses, R, weights
     runs += [{**r, "name": r["name"] + "-shard", "p_shard": True} for r in _runs(SHARDED)]
     runs += [{"name": "k5", "micro_batch": 1, "grad_accum": 2, "checkpointing": "nonreentrant", "steps": STEPS, "k": 5},
              {"name": "k5-shard", "micro_batch": 1, "grad_accum": 2, "checkpointing": "nonreentrant", "steps": STEPS,
-              "k": 5, "p_shard": True}]
+              "k": 5, "p_shard": True},
+             # k = 1 < W: rank 1 holds no column of P at all
+             {"name": "k1", "micro_batch": 2, "grad_accum": 1, "checkpointing": "none", "steps": STEPS, "k": 1},
+             {"name": "k1-shard", "micro_batch": 2, "grad_accum": 1, "checkpointing": "none", "steps": STEPS, "k": 1,
+              "p_shard": True}]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     proc = run_checked(deepspeed_cmd(2) + [str(SCRIPTS / "clora_steps.py"), "--backend", "deepspeed", "--zero_stage", str(stage),
                                            "--model", str(tiny_model_dir), "--out", str(tmp_path), "--runs", str(tmp_path / "runs.json")],
@@ -89,6 +93,7 @@ def test_zero_matches_single_process(stage, single_process, tiny_model_dir, tmp_
         _assert_same(_results(tmp_path, name + "-shard"), _results(tmp_path, name), f"ZeRO-{stage} {name}, sharded P",
                      tol=1e-6)
     _assert_same(_results(tmp_path, "k5-shard"), _results(tmp_path, "k5"), f"ZeRO-{stage} k=5 (uneven), sharded P", tol=1e-6)
+    _assert_same(_results(tmp_path, "k1-shard"), _results(tmp_path, "k1"), f"ZeRO-{stage} k=1 < W, sharded P", tol=1e-6)
     # the adapter gathered and saved under ZeRO holds the same, full-shape weights
     adapter = load_file(str(tmp_path / "none-mb2-adapter" / "adapter_model.safetensors"))
     weights = _results(tmp_path, "none-mb2")[1]
