@@ -50,7 +50,7 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
     model, keep_alive = build_model(model_args.model_name_or_path, plan.clora, plan.ds_config, plan.attention, dtype,
                                     train_args.gradient_checkpointing, train_args.gradient_checkpointing_reentrant,
                                     model_args.trust_remote_code, train_args.seed, quantization, shard)
-    log(f"P: {model.clora.p_nbytes / 2**20:,.1f} MiB on this rank"
+    log(f"P: {model.clora.p_nbytes / 2**20:,.1f} MiB ({model.clora.p_nbytes:,} bytes) on this rank"
         + (f" (sharded: {shard[1]} ranks hold a share of every module's k={plan.clora.k} columns each)" if shard
            else " (every rank holds all of it; --clora_p_shard auto shards it across ranks)" if world_size() > 1 else ""))
     if quantization is not None:

@@ -1,6 +1,7 @@
 """launch/train.py end to end: real deepspeed launcher, two CPU ranks, tiny LLaMA, nothing mocked."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,15 @@ def test_zero_stages_match_single_process(config, checkpointing, single, tiny_mo
         extra.update(gradient_checkpointing="true", gradient_checkpointing_reentrant=str(checkpointing == "reentrant"))
     proc = launch(tiny_model_dir, out, config=config, profile_steps="2", **extra)
     assert "world size 2" in proc.stdout
+    # P is sharded by default with 2 ranks: rank 0 holds half of the unsharded P (± one column per module)
+    from transformers import AutoModelForCausalLM
+
+    from clora_ds import CLoRAConfig, attach_clora
+
+    cfg = CLoRAConfig.load(out / "adapter")
+    full = attach_clora(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), cfg).clora
+    held = int(re.search(r"P: [\d.,]+ MiB \(([\d,]+) bytes\) on this rank \(sharded: 2 ranks", proc.stdout)[1].replace(",", ""))
+    assert abs(held - full.p_nbytes / 2) <= full.p_nbytes / cfg.k, (held, full.p_nbytes)
     # activation checkpointing really engages: every decoder layer's forward runs again in backward
     assert silu_calls(single) == LAYERS
     assert silu_calls(out) == (2 * LAYERS if checkpointing != "off" else LAYERS), checkpointing
