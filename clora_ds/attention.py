@@ -156,6 +156,11 @@ def varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
+def varlen_head_size_ok(head_dim: int) -> bool:
+    """Head sizes the flash varlen kernel takes: multiples of 8 up to 256."""
+    return head_dim % 8 == 0 and head_dim <= 256
+
+
 @functools.lru_cache(maxsize=None)
 def _varlen_params() -> frozenset:
     from torch.nn.attention.varlen import varlen_attn
@@ -193,7 +198,7 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout: 
     batch, heads, length, dim = query.shape
     packed = (attention_mask is None and position_ids is not None and key.shape[2] == length
               and position_ids.shape[-1] == length and length > 1 and query.dtype in (torch.bfloat16, torch.float16)
-              and query.is_cuda and dim % 8 == 0 and dim <= 256 and not (dropout and module.training))
+              and query.is_cuda and varlen_head_size_ok(dim) and not (dropout and module.training))
     if not packed:
         return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      position_ids=position_ids, **kwargs)

@@ -152,9 +152,9 @@ def choose_attention(requested: str, packing: bool, half_precision: bool = False
         raise ConfigError(f"--attn_implementation flash_attention_2: {why_not}. Use --attn_implementation sdpa (or auto, "
                           "which picks flash_attention_2 only where it works)")
     if attn == "sdpa" and packing:
-        from .attention import PACKED_SDPA, PACKED_VARLEN, varlen_available
+        from .attention import PACKED_SDPA, PACKED_VARLEN, varlen_available, varlen_head_size_ok
 
-        head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= 256)
+        head_ok = head_dim is None or varlen_head_size_ok(head_dim)
         return PACKED_VARLEN if requested == "auto" and half_precision and head_ok and varlen_available() else PACKED_SDPA
     return attn
 
