@@ -83,7 +83,7 @@ def format_table(results: dict) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     notes = ["", "Accuracies in %; in parentheses the change from the base model. Weight metrics: ‖ΔW‖_F, ‖ΔW‖_2, "
-             "F = mean ‖ΔW·x‖/‖x‖, subspace leakage ‖A·P_in‖/‖A‖ and ‖Bᵀ·P_out‖/‖B‖ (README: Evaluation)."]
+             "F = mean ‖ΔW·x‖/‖x‖, subspace leakage ‖A·P_in‖/‖A‖ and ‖Bᵀ·P_out‖/‖B‖ (clora_ds docs/evaluation.md: Weight-space metrics)."]
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows] + notes) + "\n"
 
 
