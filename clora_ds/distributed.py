@@ -1,9 +1,11 @@
-"""Rank, barrier, rank-0-first, the device collectives need, and stopping every rank when the launcher goes away.
+"""Rank, barrier, rank-0-first, the device collectives need, stopping every rank when the launcher goes away, and
+leaving together (``leave_together``: the one way out of a run, on success and on error alike).
 
 Every helper also works without torch.distributed (one process): rank 0 of a world of 1.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import threading
@@ -129,16 +131,20 @@ def stop_with_launcher(poll_s: float = 0.5) -> bool:
     A watcher thread notices (the launcher's parent changed, or the launcher is gone) and sends SIGTERM to the
     launcher, whose own handler ends every rank; this rank kills itself a few seconds later if still alive.
     Ranks keep the default SIGTERM / SIGINT actions (immediate exit), so a signal to one rank ends it at once and
-    the launcher ends the others. Returns whether the watcher runs (Linux, under the launcher).
+    the launcher ends the others. Returns whether the watcher runs (Linux, under the launcher); ``leave_together``
+    stops it.
     """
+    global _watcher
     parent = os.getppid()
     if DEEPSPEED_LAUNCH not in _proc_cmdline(parent):
         return False
     runner = _proc_ppid(parent)
+    _stop_watching.clear()
 
     def watch():
         while os.getppid() == parent and _proc_ppid(parent) == runner:
-            time.sleep(poll_s)
+            if _stop_watching.wait(poll_s):  # leave_together: this rank is leaving on its own
+                return
         try:
             os.kill(parent, signal.SIGTERM)
         except ProcessLookupError:
@@ -146,7 +152,36 @@ def stop_with_launcher(poll_s: float = 0.5) -> bool:
         time.sleep(5)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    threading.Thread(target=watch, name="clora-launcher-watch", daemon=True).start()
+    _watcher = threading.Thread(target=watch, name="clora-launcher-watch", daemon=True)
+    _watcher.start()
+    return True
+
+
+_stop_watching = threading.Event()
+_watcher: Optional[threading.Thread] = None
+LEAVE_TIMEOUT_S = 300.0  # how long a leaving rank waits for the others at the closing barrier
+
+
+def leave_together(timeout_s: float = LEAVE_TIMEOUT_S) -> bool:
+    """Tear this rank down the way every exit must, success or error: meet every rank at a barrier, destroy the
+    process group, stop the launcher watcher. True when done; False when the others did not reach the barrier within
+    ``timeout_s`` (an error only this rank saw), and the process group is left open.
+
+    Why: a rank that exits with its process group alive, or while another rank still talks to it (rank 0 hosts the
+    TCP store), can abort at interpreter shutdown in the backend's threads (``terminate called without an active
+    exception``, SIGABRT) after its `error:` line, turning exit status 2 into 134 (or the runner's 250). With a
+    barrier that never completes, destroying the group would wait on it (gloo joins its worker threads), so the
+    caller must then leave without the interpreter's shutdown (``os._exit``); the launcher stops the other ranks.
+    """
+    if dist.is_initialized():
+        try:
+            dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError:  # timed out: the others are elsewhere (or gone)
+            return False
+        dist.destroy_process_group()
+    _stop_watching.set()
+    if _watcher is not None:
+        _watcher.join(timeout=10)  # at most one poll; longer only if it is already ending a lost run
     return True
 
 

@@ -111,7 +111,22 @@ def target_problems(hf_config, clora: CLoRAConfig, trust_remote_code: bool = Fal
     except Exception as err:
         return [f"cannot build a causal LM from {getattr(hf_config, '_name_or_path', 'the model')}'s config "
                 f"({_first_line(err)})"]
+    conv1d = [n for n, m in skeleton.named_modules() if type(m).__name__ == "Conv1D"]  # transformers.pytorch_utils
+    if conv1d:  # W stored as [in, out] (PEFT's fan_in_fan_out): P's sides, the export and the merge assume [out, in]
+        return [f"--model_name_or_path {getattr(hf_config, '_name_or_path', '')}: a {hf_config.model_type} model, whose "
+                f"layers are GPT-2-style Conv1D ({len(conv1d)}, e.g. {conv1d[0]}); the launcher supports decoder models "
+                "built from nn.Linear layers (the LLaMA family: LLaMA, Mistral, Qwen2, ...)"]
     return target_modules_and_problems(skeleton, clora)[1]
+
+
+def sequence_length_problems(hf_config, max_seq_length: int) -> List[str]:
+    """--max_seq_length against the positions the model was trained on (its max_position_embeddings)."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_seq_length > limit:
+        return [f"--max_seq_length {max_seq_length} exceeds the model's max_position_embeddings {limit}: it would train "
+                f"on positions the model never learned; use --max_seq_length {limit} or less (or a model, or a rope "
+                "scaling in its config.json, made for longer sequences)"]
+    return []
 
 
 def flash_attention_available() -> Tuple[bool, str]:
@@ -192,15 +207,41 @@ def quantization_problems(load_in_4bit: bool, load_in_8bit: bool, ds_config: Opt
     return []
 
 
+def keep_4bit_cpu_forward_as_trained(model) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on the forward training uses (dequantize W, matmul in the
+    compute dtype), also in eval mode on the CPU; returns how many layers it set. Call it before the first forward.
+
+    Why: on a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its own kernel at the first
+    eval-mode forward without gradients. That kernel computes in bf16 whatever the compute dtype (logits differ from
+    the training forward by bf16 rounding, so a figure depends on the CPU it ran on), and the repack takes only layers
+    whose out_features is a multiple of 32 and in_features a multiple of the quant block size (64): any other shape
+    fails with ``N must be divisible by block_n``. LLaMA 7B-70B shapes pass; the test models' odd sizes do not.
+    Every eval-mode 4-bit forward in clora_ds (evaluation during training, ``--verify`` against the 4-bit base) goes
+    through this, so it works for any shape and gives the same numbers as training on every x86-64 CPU.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: nothing of the model is 4-bit
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False  # the flag bitsandbytes' forward reads before repacking
+    return len(layers)
+
+
 def training_dtype(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
 
 def build_model(name_or_path: str, clora: CLoRAConfig, ds_config: dict, attn: str, dtype: torch.dtype,
                 gradient_checkpointing: bool = False, reentrant: bool = False, trust_remote_code: bool = False,
-                seed: int = 0, quantization=None, shard: Optional[Tuple[int, int]] = None):
+                seed: int = 0, quantization=None, shard: Optional[Tuple[int, int]] = None, saved_subspaces=None,
+                fused_lora: str = "off", chunked_loss: str = "off"):
     """The base model (under zero.Init for ZeRO-3, so it is never whole on one rank) with CLoRA attached, every
-    module in train mode, and activation checkpointing of the decoder layers when asked."""
+    module in train mode, and activation checkpointing of the decoder layers when asked. Data-derived P is loaded
+    from ``saved_subspaces`` (a resume), else computed after ``deepspeed.initialize`` (``calibration.data_subspaces``).
+    ``fused_lora`` goes to ``attach_clora``; ``chunked_loss="auto"`` installs the chunked loss on the output layer where
+    ``chunked_loss_problem`` allows it: ``model.chunked_loss`` is then the ``ChunkedCausalLMLoss`` (else None)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -212,9 +253,15 @@ def build_model(name_or_path: str, clora: CLoRAConfig, ds_config: dict, attn: st
             extra["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn,
                                                  trust_remote_code=trust_remote_code, **extra)
+    keep_4bit_cpu_forward_as_trained(model)  # evaluation during training runs in eval mode
     model.config.use_cache = False  # a KV cache in training also hides packed sequences from the mask builder
     torch.manual_seed(seed)
-    model = attach_clora(model, clora, subspace_device="cuda" if torch.cuda.is_available() else None, shard=shard)
+    model = attach_clora(model, clora, subspace_device="cuda" if torch.cuda.is_available() else None, shard=shard,
+                         saved_subspaces=saved_subspaces, fused_lora=fused_lora)
+    from .loss import ChunkedCausalLMLoss, chunked_loss_problem
+
+    model.chunked_loss = (ChunkedCausalLMLoss.install(model) if chunked_loss == "auto" and chunked_loss_problem(model) is None
+                          else None)
     if gradient_checkpointing:
         kwargs = {"use_reentrant": reentrant}
         if hasattr(model.get_base_model(), "activation_checkpointing_enable"):  # transformers >= 5.2x

@@ -76,36 +76,34 @@ def init_distributed():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from clora_ds.distributed import SiblingFailed, leave_together
     from clora_ds.errors import UserError
-    from clora_ds.evaluation.run import EvalRequest, from_run_dirs, run_evaluation, sweep_runs
+    from clora_ds.evaluation.run import EvalRequest, run_evaluation
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    req = EvalRequest(base_model=args.base_model, adapters=list(args.adapter), tasks=list(args.task_file),
+                      task_dir=args.task_dir, run_dir=args.run_dir, sweep_dir=args.sweep_dir,
+                      output_dir=args.output_dir, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, lm_eval_tasks=[t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()],
+                      lm_eval_data_dir=args.lm_eval_data_dir, lm_eval_limit=args.lm_eval_limit,
+                      weights=not args.no_weights, f_file=args.f_file, f_records=args.f_records,
+                      clora_config=args.clora_config, dtype=args.dtype, overwrite=args.overwrite,
+                      loss_files=list(args.loss_file))
+    code = 0
     try:
-        req = EvalRequest(base_model=args.base_model, adapters=list(args.adapter), tasks=list(args.task_file),
-                          output_dir=args.output_dir, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size, lm_eval_tasks=[t for t in args.lm_eval_tasks.split(",") if t],
-                          lm_eval_data_dir=args.lm_eval_data_dir, lm_eval_limit=args.lm_eval_limit,
-                          weights=not args.no_weights, f_file=args.f_file, f_records=args.f_records,
-                          clora_config=args.clora_config, dtype=args.dtype, overwrite=args.overwrite,
-                          loss_files=list(args.loss_file))
-        if args.task_dir:
-            req.tasks += [(d.name, d / "test.json") for d in sorted(args.task_dir.iterdir()) if (d / "test.json").is_file()]
-        sweep_k = None
-        if args.run_dir or args.sweep_dir:
-            runs = [args.run_dir] if args.run_dir else sweep_runs(args.sweep_dir)
-            base, adapters, notes = from_run_dirs(runs)
-            req.base_model = req.base_model or base
-            req.adapters += adapters
-            req.output_dir = req.output_dir or (args.run_dir or args.sweep_dir) / "eval"
-            sweep_k = {name: k for name, k in sweep_runs(args.sweep_dir, with_k=True)} if args.sweep_dir else None
-            for note in notes if rank0 else []:
-                print(f"[clora_ds] {note}", flush=True)
         init_distributed()
-        run_evaluation(req, sweep_k)
+        run_evaluation(req)  # every input is checked before a model loads or a file is written
+    except SiblingFailed:  # another rank found the problem and reports it
+        code = 2
     except UserError as err:
-        if rank0:
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2
+    if not leave_together():  # the process group could not be closed: leave before the interpreter's shutdown aborts
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 1)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

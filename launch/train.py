@@ -12,6 +12,7 @@ Bad input is one `error:` line and exit status 2, and nothing in output_dir is c
 """
 import os
 import sys
+import traceback
 
 
 def init_distributed():
@@ -26,10 +27,25 @@ def init_distributed():
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def leave(code: int, wait_s: float = None) -> None:
+    """Every way out of a run, success and error alike: every rank at one barrier (waiting at most ``wait_s``;
+    default LEAVE_TIMEOUT_S), the process group destroyed, then exit status ``code`` (0: return normally)."""
+    from clora_ds.distributed import LEAVE_TIMEOUT_S, leave_together
+
+    if not leave_together(LEAVE_TIMEOUT_S if wait_s is None else wait_s):
+        # the other ranks never reached the barrier (an error only this rank saw): the process group cannot be closed
+        # and the interpreter's shutdown could abort in its threads, so leave at once; the launcher stops the others
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 1)
+    if code:
+        sys.exit(code)
+
+
 def fail(err, rank=None) -> None:
     if (rank if rank is not None else int(os.environ.get("RANK", "0"))) == 0:
         print(f"error: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    leave(2)
 
 
 def main(argv=None):
@@ -50,17 +66,14 @@ def main(argv=None):
 
     try:
         train(*groups)
-    except SiblingFailed:
-        sys.exit(2)
-    except UserError as err:  # anything else (a library's ValueError too) keeps its traceback
+    except SiblingFailed:  # another rank reports the error; this one leaves with it
+        leave(2)
+    except UserError as err:
         fail(err, rank())
-    # every rank leaves together: a rank that exits while gloo threads of the others are still live can
-    # abort at interpreter shutdown ("terminate called without an active exception")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    except Exception:  # a bug or a library's own failure: its traceback, then the same way out as every other exit
+        traceback.print_exc()
+        leave(1, wait_s=10)  # the other ranks are likely stuck in a collective: do not hold the traceback for minutes
+    leave(0)
 
 
 if __name__ == "__main__":

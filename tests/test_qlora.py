@@ -85,6 +85,8 @@ q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_us
 out = {{}}
 for name, kw in (("4bit", dict(quantization_config=q)), ("full", {{}})):
     base = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}, dtype=torch.float32, **kw).eval()
+    for m in base.modules():  # what docs/training.md tells plain-PEFT users: the tiny model's shapes are ones that
+        m.support_avx512bf16_for_cpu = False  # bitsandbytes' AVX512-BF16 repack cannot take (harmless elsewhere)
     with torch.no_grad():
         plain = base(input_ids=ids).logits
         model = PeftModel.from_pretrained(base, {str(single / 'adapter')!r}).eval()
@@ -102,6 +104,47 @@ print("DELTA", out["4bit"], out["full"])
     assert "against the 4-bit (nf4) base the adapter was trained on: max |Δlogit|" in proc.stdout
     card = (merged / "README.md").read_text()
     assert "trained on a 4-bit (nf4) base" in card
+
+
+def _4bit_logits(model_dir, ids, mode, as_trained):
+    """(logits [2, 12, vocab], layers bitsandbytes repacked) of a forward without gradients of the 4-bit base."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from clora_ds.model import keep_4bit_cpu_forward_as_trained
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, quantization_config=q).train(mode == "train")
+    if as_trained:
+        assert keep_4bit_cpu_forward_as_trained(model) == 7 * model.config.num_hidden_layers
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    return logits, sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers)
+
+
+def test_eval_mode_4bit_forward_on_cpu_is_the_training_forward_for_any_shape(tiny_model_dir, tmp_path):
+    """bitsandbytes repacks 4-bit weights at an eval-mode CPU forward on AVX512-BF16 CPUs: only for shapes with
+    out_features % 32 == 0 and in_features % 64 == 0, and then computing in bf16. clora_ds's eval-mode forwards keep the
+    training forward instead: any shape, and exactly the training logits on every CPU."""
+    from bitsandbytes.functional import has_avx512bf16
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    multiples = tmp_path / "multiples_of_64"  # the shape rule a 7B meets: 64, 128 and 32 (k/v: 1 head of 32)
+    LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(str(multiples))
+    for model_dir in (tiny_model_dir, multiples):  # the tiny model: 40, 72 and 20, none a multiple of 32
+        trained, _ = _4bit_logits(model_dir, ids, "train", as_trained=False)
+        evaluated, repacked = _4bit_logits(model_dir, ids, "eval", as_trained=True)
+        assert repacked == 0 and torch.equal(evaluated, trained), model_dir
+    if not has_avx512bf16():
+        return  # what follows is bitsandbytes' own path on this CPU feature
+    with pytest.raises(AssertionError, match="N must be divisible by block_n"):
+        _4bit_logits(tiny_model_dir, ids, "eval", as_trained=False)
+    packed, repacked = _4bit_logits(multiples, ids, "eval", as_trained=False)
+    assert repacked == 14 and 0 < (packed - trained).abs().max() < 0.05 * trained.abs().max()  # bf16 rounding
 
 
 def test_svd_major_on_a_4bit_base_spans_the_dequantized_weights_top_singular_vectors(tiny_model_dir):

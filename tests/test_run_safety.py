@@ -70,17 +70,28 @@ def finished_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
+def deepspeed_on_a_free_port(ranks):
+    """deepspeed_cmd(ranks) with a master port no other launch of this test holds (launches run side by side)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return deepspeed_cmd(ranks)[:-1] + [str(sock.getsockname()[1])]
+
+
 def run_launchers(cases, tmp_path, parallel=3, timeout=600):
-    """name -> (exit status, stdout + stderr) of `python launch/train.py ARGS` for each (args, env) case, a few at a
-    time (output to files: a full pipe would block a child)."""
+    """name -> (exit status, stdout + stderr) for each case, a few at a time (output to files: a full pipe would block
+    a child). A case is (args, env): `python launch/train.py ARGS`, one process; or (args, env, ranks): the real
+    deepspeed launcher with that many CPU ranks, each launch on its own free port."""
     pending, running, results = list(cases.items()), {}, {}
     deadline = time.time() + timeout
     while pending or running:
         while pending and len(running) < parallel:
-            name, (args, env) = pending.pop(0)
+            name, (args, env, *ranks) = pending.pop(0)
+            prefix = deepspeed_on_a_free_port(ranks[0]) if ranks and ranks[0] > 1 else [sys.executable]
             log = tmp_path / f"{name}.log"
             with open(log, "w") as f:
-                running[name] = (subprocess.Popen([sys.executable, TRAIN] + args, stdout=f, stderr=subprocess.STDOUT,
+                running[name] = (subprocess.Popen(prefix + [TRAIN] + args, stdout=f, stderr=subprocess.STDOUT,
                                                   env={**child_env(), **env}), log)
         for name, (proc, log) in list(running.items()):
             if proc.poll() is not None:
@@ -91,9 +102,13 @@ def run_launchers(cases, tmp_path, parallel=3, timeout=600):
     return results
 
 
+ABORT = "terminate called"  # what a C++ runtime prints when a process aborts at shutdown (SIGABRT)
+
+
 def assert_one_error(result, *needles):
     code, text = result
     assert code == 2, text[-3000:]
+    assert ABORT not in text, text[-3000:]
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
     message = text[text.index("error:"):]
@@ -181,6 +196,20 @@ def test_bad_input_is_refused_before_anything_is_written(finished_run, tiny_mode
     case("hub_name_offline", tmp_path / "hub", base(tmp_path / "hub", model_name_or_path="someone/some-model"),
          env={"HF_HUB_OFFLINE": "1"})
 
+    # what the model or the eval data cannot do: a GPT-2 (Conv1D layers), positions beyond the model's, a metric the
+    # eval file does not produce (alpaca records: a loss, no multiple-choice answers)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=200, n_embd=32, n_layer=2, n_head=2, n_positions=512)).save_pretrained(str(gpt2))
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special")):
+            shutil.copy(f, gpt2)
+    case("gpt2_conv1d", tmp_path / "out_gpt2", base(tmp_path / "out_gpt2", model_name_or_path=gpt2), keep=(gpt2,))
+    case("seq_beyond_positions", tmp_path / "long", base(tmp_path / "long", max_seq_length=257))
+    case("best_metric_not_produced", tmp_path / "best", base(tmp_path / "best", eval_file=DATA / "alpaca_tiny.jsonl",
+                                                             eval_steps=2, save_best_metric="eval_accuracy"))
+
     results = run_launchers(cases, tmp_path)
     expect = {
         "overwrite_k_too_large": ["k=99 is larger than the in or out dimension of", "Use k <= 20"],
@@ -206,6 +235,12 @@ def test_bad_input_is_refused_before_anything_is_written(finished_run, tiny_mode
         "model_no_weights": ["no weights there (expected model.safetensors"],
         "model_truncated_weights": ["model.safetensors is truncated"],
         "hub_name_offline": ["--model_name_or_path someone/some-model: not a local directory, and the hub is off"],
+        "gpt2_conv1d": [f"--model_name_or_path {tmp_path / 'gpt2'}: a gpt2 model, whose layers are GPT-2-style Conv1D",
+                        "the launcher supports decoder models built from nn.Linear layers (the LLaMA family"],
+        "seq_beyond_positions": ["--max_seq_length 257 exceeds the model's max_position_embeddings 256",
+                                 "use --max_seq_length 256 or less"],
+        "best_metric_not_produced": ["--save_best_metric eval_accuracy: the eval sets of --eval_file log eval_loss",
+                                     "accuracy only for a commonsense task"],
     }
     assert set(expect) == set(cases)
     for name, needles in expect.items():
@@ -213,6 +248,34 @@ def test_bad_input_is_refused_before_anything_is_written(finished_run, tiny_mode
         for path, before in watched[name].items():
             assert tree_hash(path) == before, f"{name}: {path} changed"
     assert not (tmp_path / "pwned").exists(), "the crafted pickle ran"
+
+
+@pytest.mark.slow
+def test_refused_runs_leave_like_finished_ones_under_one_process_and_two_ranks(finished_run, tiny_model_dir, tmp_path):
+    """A refusal that comes after the process group is up (a resume the checkpoint refuses; flash-attn without CUDA)
+    closes it the way a finished run does: exit status 2 on every try, never an abort at shutdown (`terminate called
+    without an active exception`, SIGABRT 134, the runner's 250), which came in 2 of 3 tries under two ranks."""
+    if torch.cuda.is_available():
+        pytest.skip("the flash-attn refusal needs a machine without CUDA")
+    before = tree_hash(finished_run)
+    base = lambda out, **over: train_args(tiny_model_dir, out, max_steps=4, save_steps=2, **over)  # noqa: E731
+    cases, tries = {}, 3
+    for ranks in (1, 2):
+        for i in range(tries):
+            # finished_run has 4 examples per step from one rank: 1 per rank now
+            cases[f"resume_{ranks}_{i}"] = (base(finished_run, per_device_train_batch_size=1,
+                                                 resume_from_checkpoint="auto"), {}, ranks)
+            cases[f"flash_{ranks}_{i}"] = (base(tmp_path / f"flash_{ranks}_{i}", per_device_train_batch_size=2,
+                                                attn_implementation="flash_attention_2"), {}, ranks)
+    results = run_launchers(cases, tmp_path, parallel=2, timeout=900)
+    for name, result in results.items():
+        if name.startswith("resume_"):
+            assert_one_error(result, f"cannot resume {finished_run / 'checkpoint-4'}",
+                             "global batch" if name.startswith("resume_1") else "written by 1 ranks and this run has 2")
+        else:
+            assert_one_error(result, "--attn_implementation flash_attention_2: flash-attn needs a CUDA GPU")
+            assert not (tmp_path / name).exists(), name
+    assert tree_hash(finished_run) == before
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,22 +295,24 @@ def test_disk_full_while_saving_is_one_error_and_no_complete_checkpoint(tiny_mod
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run this test: {why}")
         pytest.skip(why)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    out, listing = disk / "run", tmp_path / "listing.txt"
-    cmd = deepspeed_cmd(2) + [TRAIN] + train_args(tiny_model_dir, out, per_device_train_batch_size=2, max_steps=4,
-                                                  save_steps=2)
-    # 64 KiB hold the run's config and metrics but not a checkpoint (~120 KiB); the listing is taken before the
-    # private mount goes away with the namespace
-    script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(disk))} && {shlex.join(cmd)}; rc=$?; "
-              f"find {shlex.quote(str(disk))} -printf '%P\\n' > {shlex.quote(str(listing))}; exit $rc")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600, env=child_env())
-    message = assert_one_error((proc.returncode, proc.stdout + proc.stderr),
-                               f"could not write checkpoint {out / 'checkpoint-2'}", "no space left on the device",
-                               "never marked COMPLETE; newest complete checkpoint: none")
-    files = listing.read_text().split()
-    assert "run/train_config.json" in files and "run/metrics.jsonl" in files, files
-    assert not any(f.startswith("run/checkpoint-") for f in files), (files, message)
+    for attempt in range(3):  # the error path once aborted at shutdown after the right message (exit 250): repeat it
+        disk = tmp_path / f"disk{attempt}"
+        disk.mkdir()
+        out, listing = disk / "run", tmp_path / f"listing{attempt}.txt"
+        cmd = deepspeed_on_a_free_port(2) + [TRAIN] + train_args(
+            tiny_model_dir, out, per_device_train_batch_size=2, max_steps=4, save_steps=2)
+        # 64 KiB hold the run's config and metrics but not a checkpoint (~120 KiB); the listing is taken before the
+        # private mount goes away with the namespace
+        script = (f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(disk))} && {shlex.join(cmd)}; rc=$?; "
+                  f"find {shlex.quote(str(disk))} -printf '%P\\n' > {shlex.quote(str(listing))}; exit $rc")
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600,
+                              env=child_env())
+        message = assert_one_error((proc.returncode, proc.stdout + proc.stderr),
+                                   f"could not write checkpoint {out / 'checkpoint-2'}", "no space left on the device",
+                                   "never marked COMPLETE; newest complete checkpoint: none")
+        files = listing.read_text().split()
+        assert "run/train_config.json" in files and "run/metrics.jsonl" in files, files
+        assert not any(f.startswith("run/checkpoint-") for f in files), (files, message)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ The model is the one already loaded (a PeftModel for an adapter: no merge), wrap
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -53,6 +55,14 @@ def _has_choices(path: Path) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def known_tasks() -> frozenset:
+    """Every task, group and tag name lm-eval ships (its task index: YAML files read, no data, no hub)."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
+
+
 def plan_tasks(requested: List[str], commonsense_files: Dict[str, Path], data_dir: Optional[Path]) -> Tuple[List[str], List[str]]:
     """(lm-eval task names to run, problems), checked before any model is loaded."""
     problems, names = [], []
@@ -84,6 +94,10 @@ def plan_tasks(requested: List[str], commonsense_files: Dict[str, Path], data_di
                 names += found
             else:
                 names.append("clora_mmlu_pro")
+        elif task not in known_tasks():
+            near = difflib.get_close_matches(task, sorted(known_tasks()) + list(OURS), n=3)
+            problems.append(f"--lm_eval_tasks {task}: no such task in lm-eval (nor one of ours: {', '.join(OURS)})"
+                            + (f"; did you mean {' or '.join(near)}?" if near else ""))
         else:
             if _offline():
                 problems.append(f"--lm_eval_tasks {task}: lm-eval's own tasks read their data from the hub, which is off "

@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..data import ALPACA_NO_INPUT, alpaca_prompt
 from ..errors import DataError
@@ -132,6 +132,8 @@ class Protocol:
     """How one task is prompted and judged; built from its records by ``protocol_for``."""
 
     name = ""
+    # what every record must hold: per entry, one of these keys with a value (the first entry is the prompt's text)
+    fields: Tuple[Tuple[str, ...], ...] = (("instruction",), ("answer",))
 
     def __init__(self, pattern: Optional[str] = None):
         self.pattern = pattern
@@ -178,6 +180,7 @@ class Choice(Protocol):
 
 class MetaMath(Protocol):
     name = "metamath"
+    fields = (("query",), ("answer", "response"))
 
     def prompt(self, record):
         return ALPACA_NO_INPUT.format(instruction=record["query"])
@@ -200,6 +203,7 @@ class MetaMath(Protocol):
 
 class Boxed(Protocol):
     name = "boxed"
+    fields = (("problem",), ("answer", "solution"))
 
     def prompt(self, record):
         return ALPACA_NO_INPUT.format(instruction=record["problem"])
@@ -222,23 +226,45 @@ def _is_number(value) -> bool:
         return False
 
 
+def _check_fields(records: Sequence[dict], fields: Tuple[Tuple[str, ...], ...], where: str, layout: str) -> None:
+    """Every record holds what its protocol reads (``Protocol.fields``). The layout is told by the first record, so
+    a record further down that lacks a field would otherwise fail only after the model has loaded."""
+    for i, record in enumerate(records, 1):
+        for keys in fields:
+            key = next((k for k in keys if record.get(k) not in (None, "")), None)
+            if key is None:
+                need = "its gold answer" if "answer" in keys else "the prompt's text"
+                raise DataError(f"{where}: record {i} has no {' or '.join(repr(k) for k in keys)}: an evaluation "
+                                f"record needs {need} ({layout})")
+            value = record[key]
+            number_ok = key == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not isinstance(value, str) and not number_ok:
+                raise DataError(f"{where}: record {i}'s {key!r} is not a string but {type(value).__name__} "
+                                f"({layout})")
+
+
 def protocol_for(records: Sequence[dict], where: str) -> Protocol:
-    """The protocol of a task, from its records' keys and gold answers; DataError when none fits."""
+    """The protocol of a task, from its records' keys and gold answers; DataError naming the record when none fits
+    or when any record lacks what the protocol reads."""
     if not records:
         raise DataError(f"{where}: no records")
     keys = set(records[0])
     if {"query", "response"} <= keys:
+        _check_fields(records, MetaMath.fields, where, "MetaMath layout: query, response")
         return MetaMath()
     if {"problem", "solution"} <= keys or ({"problem", "answer"} <= keys):
+        _check_fields(records, Boxed.fields, where, "MATH layout: problem, solution or answer")
         return Boxed()
     if "instruction" not in keys:
         raise DataError(f"{where}: cannot tell the task's layout from the keys {sorted(keys)}; expected LLM-Adapters "
                         "records (instruction, [input], output, answer), MetaMath (query, response) or MATH "
                         "(problem, solution)")
-    missing = next((i for i, r in enumerate(records, 1) if r.get("answer") in (None, "")), None)
-    if missing is not None:
-        raise DataError(f"{where}: record {missing} has no 'answer': an evaluation record needs its gold answer "
-                        "(LLM-Adapters layout: instruction, [input], output, answer)")
+    _check_fields(records, Protocol.fields, where, "LLM-Adapters layout: instruction, [input], output, answer")
+    bad_input = next((i for i, r in enumerate(records, 1) if not isinstance(r.get("input", ""), (str, type(None)))), None)
+    if bad_input is not None:
+        raise DataError(f"{where}: record {bad_input}'s 'input' is not a string but "
+                        f"{type(records[bad_input - 1]['input']).__name__} (LLM-Adapters layout: instruction, [input], "
+                        "output, answer)")
     answers = [str(r["answer"]).strip() for r in records]
     shapes = [next((shape for shape, (match, _) in COMMONSENSE_PATTERNS.items() if match.match(a)), None) for a in answers]
     if all(shapes):  # one family, or a mix (commonsense_170k mixes all eight): the union of their patterns

@@ -104,6 +104,8 @@ def quantized_training_difference(written: Path, lora_weights: Mapping[str, torc
     weights on the 4-/8-bit base. The quantization error: reported, not a pass/fail check."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from ..model import keep_4bit_cpu_forward_as_trained
+
     if quantization.startswith("4-bit"):
         kind = quantization.split("(")[-1].rstrip(")") or "nf4"
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
@@ -111,8 +113,9 @@ def quantized_training_difference(written: Path, lora_weights: Mapping[str, torc
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
     with _quiet_model_loading():
-        trained = _with_lora(AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32,
-                                                                  quantization_config=q), lora_weights, clora, base_model)
+        quantized = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32, quantization_config=q)
+    keep_4bit_cpu_forward_as_trained(quantized)  # the forward the run trained with, for any shape, on any CPU
+    trained = _with_lora(quantized, lora_weights, clora, base_model)
     ids = _probe_inputs(trained.config.vocab_size)
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
