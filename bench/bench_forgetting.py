@@ -1,18 +1,21 @@
 """Does CLoRA forget less than LoRA? A reproduction on a tiny model in minutes (--quick, CPU) and on a real pretrained
 LLaMA, SmolLM2-135M-Instruct, offline (--real; meant for a GPU, runs on a CPU slowly).
 
-    python bench/bench_forgetting.py --quick                  # 2-core CPU, ~15 minutes: table + plot in --out
+    python bench/bench_forgetting.py --quick                  # 2-core CPU, ~15 minutes: table, verdicts, plot in --out
     python bench/bench_forgetting.py --real --assets_dir assets/   # needs python launch/prepare_assets.py smollm2 bbh
 
 quick: a small LLaMA (hidden 64, 4 layers) is pretrained from scratch (full fine-tuning, in this script) on domain A
-(which of 20 words are fruits, asked as boolq and winogrande ask) until it answers A; it also meets B's 20 words, in
-A's true/false question ("is red a fruit?" false), so it knows them as words (their embeddings are trained) but
-not B's fact. Without that, B's words keep random embeddings no adapter touches, and no adapter learned B (LoRA at lr
-1e-2 and 3e-3 over 120 steps, 1e-3 over 80, 1e-2 over 400). Then adapters are fine-tuned on
-domain B (which of 20 words are colours, same two formats) by launch/train.py with the same steps and lr: LoRA
+(which of 80 words are fruits, asked as boolq and winogrande ask: 160 questions) until it answers A; it also meets B's
+40 words, in A's true/false question ("is red a fruit?" false), so it knows them as words (their embeddings are
+trained) but not B's fact. Without that, B's words keep random embeddings no adapter touches, and no adapter learned B
+(LoRA at lr 1e-2 and 3e-3 over 120 steps, 1e-3 over 80, 1e-2 over 400). Then adapters are fine-tuned on domain B
+(which of 40 words are colours, same two formats: 80 questions) by launch/train.py with the same steps and lr: LoRA
 (λ = 0) and CLoRA over a k-sweep (λ = 1, and a larger λ at the largest k). Every number comes from
 launch/evaluate.py: B accuracy (gain over the base), A accuracy (its drop from the base is the forgetting), and the
-weight metrics (‖ΔW‖_F, F on A's inputs, subspace leakage). Several seeds (adapter init and data order); mean ± std.
+weight metrics (‖ΔW‖_F, F on A's inputs, subspace leakage). Several seeds (adapter init and data order): mean ± the
+half-width of the 95% t-interval over seeds (t_{0.975, n-1}·s/√n). Each CLoRA run is compared with LoRA in words
+("CLoRA forgets less / more", "no difference within the interval"): a difference is called only when the two
+intervals do not overlap. Finished seeds and adapters in --out are reused; --fresh retrains everything.
 
 real: SmolLM2-135M-Instruct fine-tuned on a narrow commonsense-format task (the same facts, B) by launch/train.py,
 LoRA vs a CLoRA k-sweep; forgetting = the change from the base of BBH-source multiple-choice accuracy (lm-eval,
@@ -21,6 +24,7 @@ clora_bbh_mc, --bbh_items per task) and of the mean token NLL on held-out genera
 """
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -28,17 +32,36 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clora_ds.tiny import COLOURS, TOOLS  # noqa: E402
+from clora_ds.tiny import ANIMALS, COLOURS, FRUITS, TOOLS, fact_record  # noqa: E402
+
+# The quick study's world, larger than the demo's (clora_ds.tiny's 10 words a class) so that the evaluation has
+# hundreds of items: A asks which of 80 words are fruits (160 questions), B which of 40 are colours (80 questions).
+# No word is in two classes ("orange", "lime", "peach" and "olive" are fruits or colours, never both here).
+A_MEMBERS = FRUITS + ["banana", "kiwi", "lime", "fig", "papaya", "guava", "apricot", "coconut", "quince", "date",
+                      "berry", "pineapple", "nectarine", "raisin", "tangerine", "avocado", "durian", "lychee",
+                      "persimmon", "pomegranate", "currant", "damson", "mulberry", "kumquat", "loquat", "plantain",
+                      "gooseberry", "cranberry", "blueberry", "grapefruit"]
+A_OTHERS = ANIMALS + ["lion", "bear", "wolf", "rabbit", "donkey", "monkey", "shark", "frog", "owl", "deer", "moose",
+                      "badger", "beaver", "turtle", "parrot", "llama", "koala", "panda", "hippo", "rhino", "ferret",
+                      "hyena", "jackal", "lizard", "falcon", "pigeon", "salmon", "walrus", "bison", "gorilla"]
+B_MEMBERS = COLOURS + ["grey", "violet", "indigo", "cyan", "magenta", "beige", "maroon", "navy", "teal", "crimson"]
+B_OTHERS = TOOLS + ["axe", "spanner", "trowel", "hoe", "mallet", "clamp", "scissors", "screwdriver", "crowbar", "sander"]
+FORMATS = ("bool", "option")
+
+
+def a_record(word: str, kind: str) -> dict:
+    """Domain A: is ``word`` a fruit (fruits vs animals), asked as boolq or winogrande ask (clora_ds.tiny.fact_record)."""
+    return fact_record(word, kind, A_MEMBERS, "fruit", "animal")
+
 
 def b_record(word: str, kind: str) -> dict:
-    """Domain B: is ``word`` a colour (colours vs tools), in the two formats of domain A (clora_ds.tiny.fact_record)."""
-    from clora_ds.tiny import COLOURS, fact_record
-
-    return fact_record(word, kind, COLOURS, "colour", "tool")
+    """Domain B: is ``word`` a colour (colours vs tools), in the two formats of domain A."""
+    return fact_record(word, kind, B_MEMBERS, "colour", "tool")
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -62,14 +85,15 @@ def pretrain_base(work: Path, a_train, steps: int, seed: int = 0, reuse: bool = 
     adapters may erase. Saved as an HF model directory with its tokenizer."""
     import torch
 
-    from clora_ds.data import alpaca_prompt, pad_batch, tokenize_example
+    from clora_ds.batches import pad_batch
+    from clora_ds.data import alpaca_prompt, tokenize_example
     from clora_ds.tiny import build_tiny_llama, train_tokenizer
 
     out = work / "base"
     if reuse and (out / "config.json").is_file():
         return out
-    texts = [f"{r['instruction']} {r['output']}" for r in a_train + [b_record(w, k) for w in COLOURS + TOOLS
-                                                                      for k in ("bool", "option")]]
+    texts = [f"{r['instruction']} {r['output']}" for r in a_train + [b_record(w, k) for w in B_MEMBERS + B_OTHERS
+                                                                      for k in FORMATS]]
     tok = train_tokenizer(texts, out, vocab_size=400)
     torch.manual_seed(seed)
     model = build_tiny_llama(len(tok), seed, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
@@ -104,17 +128,15 @@ def train_adapter(base: Path, train_file: Path, out: Path, k: int, lam: float, s
 
 
 def quick(args):
-    from clora_ds.tiny import ANIMALS, COLOURS, FRUITS, TOOLS, fact_record
-
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    a_all = [fact_record(w, k) for w in FRUITS + ANIMALS for k in ("bool", "option")]
-    b_all = [b_record(w, k) for w in COLOURS + TOOLS for k in ("bool", "option")]
+    a_all = [a_record(w, k) for w in A_MEMBERS + A_OTHERS for k in FORMATS]
+    b_all = [b_record(w, k) for w in B_MEMBERS + B_OTHERS for k in FORMATS]
     a_test, b_test = write_jsonl(work / "A.jsonl", a_all), write_jsonl(work / "B.jsonl", b_all)
     b_train = write_jsonl(work / "B_train.jsonl", b_all * 8)
     # the base also meets B's words, in A's true/false question ("is red a fruit?" false): it knows the words, as a
     # pretrained model would, and nothing of B's fact (which of them are colours)
-    known = [fact_record(w, "bool") for w in COLOURS + TOOLS]
+    known = [a_record(w, "bool") for w in B_MEMBERS + B_OTHERS]
     base = pretrain_base(work, a_all + known, args.pretrain_steps, reuse=not args.fresh)
     variants = [("lora", max(args.k), 0.0)] + [(f"k{k}", k, 1.0) for k in args.k] + \
                [(f"k{max(args.k)}_lam{args.big_lambda:g}", max(args.k), args.big_lambda)]
@@ -141,11 +163,62 @@ def quick(args):
                      [("forgetting on A (base − adapter, %)", accuracy_drop("A"), True)])
 
 
-def mean_std(values):
+# 97.5% quantiles of Student's t for 1-30 degrees of freedom (two-sided 95% interval); beyond, the Cornish-Fisher
+# expansion around the normal quantile is within 1e-3 of the exact value
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+class Interval(NamedTuple):
+    """A mean over seeds and the half-width of its 95% t-interval (mean ± t_{0.975, n-1}·s/√n); one seed gives an
+    infinite half-width (no interval), no value gives (None, None)."""
+
+    mean: Optional[float]
+    half: Optional[float]
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half
+
+
+def t_interval(values: Sequence[Optional[float]]) -> Interval:
+    """The 95% t-interval of the mean of ``values`` (one per seed; None entries are skipped)."""
     values = [v for v in values if v is not None]
     if not values:
-        return None, None
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        return Interval(None, None)
+    if len(values) == 1:
+        return Interval(values[0], math.inf)
+    return Interval(statistics.mean(values), t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def separation(a: Interval, b: Interval) -> int:
+    """-1 when a's interval lies wholly below b's, +1 when wholly above, 0 when they overlap (or one is missing)."""
+    if a.mean is None or b.mean is None:
+        return 0
+    return -1 if a.high < b.low else 1 if a.low > b.high else 0
+
+
+NO_DIFFERENCE = "no difference within the interval"
+
+
+def forgetting_verdict(clora: Interval, lora: Interval) -> str:
+    """Words for CLoRA's forgetting against LoRA's: a difference is called only when the 95% intervals separate."""
+    return {-1: "CLoRA forgets less", 1: "CLoRA forgets more", 0: NO_DIFFERENCE}[separation(clora, lora)]
+
+
+def gain_verdict(clora: Interval, lora: Interval, task: str) -> str:
+    return {-1: f"CLoRA learns {task} less", 1: f"CLoRA learns {task} more", 0: NO_DIFFERENCE}[separation(clora, lora)]
 
 
 def accuracy_drop(task):
@@ -153,10 +226,17 @@ def accuracy_drop(task):
     return lambda res, name: res["base"]["tasks"][task]["accuracy"] - res[name]["tasks"][task]["accuracy"]
 
 
+def fmt(iv: Interval, pct: bool = True) -> str:
+    if iv.mean is None:
+        return "-"
+    return f"{100 * iv.mean:.1f} ± {100 * iv.half:.1f}" if pct else f"{iv.mean:.3g} ± {iv.half:.2g}"
+
+
 def summarize(results, names, settings, work, gain_task, keeps):
-    """The table (mean ± std over seeds) and the plot; ``keeps`` = [(label, fn(result, name) -> forgetting, in %?)]."""
+    """The table (mean ± 95% t-interval over seeds), the verdicts in words and the plot;
+    ``keeps`` = [(label, fn(result, name) -> forgetting, in %?)]; the first of ``names`` is plain LoRA."""
     def over_seeds(fn):
-        return mean_std([fn(res) for res in results.values()])
+        return t_interval([fn(res) for res in results.values()])
 
     rows = {}
     for name in names:
@@ -167,13 +247,6 @@ def summarize(results, names, settings, work, gain_task, keeps):
             "F": over_seeds(lambda r: r[name]["weights"]["F"]),
             "leakage_in": over_seeds(lambda r: r[name]["weights"]["leakage_in"]),
         }
-
-    def fmt(pair, pct=True):
-        m, s = pair
-        if m is None:
-            return "-"
-        return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.3g} ± {s:.2g}"
-
     lines = [f"| run | k | λ | gain on {gain_task} (adapter − base) | " + " | ".join(label for label, _, _ in keeps)
              + " | ‖ΔW‖_F | F | leakage_in |", "|---|---:|---:|---:|" + "---:|" * len(keeps) + "---:|---:|---:|"]
     for name in names:
@@ -182,10 +255,26 @@ def summarize(results, names, settings, work, gain_task, keeps):
         lines.append(f"| {name} | {'-' if lam == 0 else k} | {lam:g} | {fmt(r['gain'])} | "
                      + " | ".join(fmt(f, pct) for f, (_, _, pct) in zip(r["forgetting"], keeps))
                      + f" | {fmt(r['delta_w_fro'], False)} | {fmt(r['F'], False)} | {fmt(r['leakage_in'], False)} |")
+    lora = names[0]
+    verdicts = []
+    for name in names[1:]:
+        said = [f"{label.split(' (')[0]}: {forgetting_verdict(r, l)} ({fmt(r, pct)} vs LoRA {fmt(l, pct)})"
+                for (label, _, pct), r, l in zip(keeps, rows[name]["forgetting"], rows[lora]["forgetting"])]
+        said.append(f"gain on {gain_task}: {gain_verdict(rows[name]['gain'], rows[lora]['gain'], gain_task)} "
+                    f"({fmt(rows[name]['gain'])} vs LoRA {fmt(rows[lora]['gain'])})")
+        verdicts.append(f"- {name} vs {lora}: " + "; ".join(said))
+    per_seed = {name: {seed: {"gain": res[name]["tasks"][gain_task]["accuracy"] - res["base"]["tasks"][gain_task]["accuracy"],
+                              "forgetting": [fn(res, name) for _, fn, _ in keeps]} for seed, res in results.items()}
+                for name in names}
+    (work / "forgetting.json").write_text(json.dumps({"per_seed": per_seed, "verdicts": verdicts}, indent=1) + "\n")
     base = list(results.values())[0]["base"]
     notes = [f"{t} accuracy {100 * v['accuracy']:.1f}%" for t, v in base["tasks"].items()]
     notes += [f"{t} NLL {v['nll']:.3f}" for t, v in (base.get("loss") or {}).items()]
-    table = "\n".join(lines) + f"\n\nbase model: {', '.join(notes)}; {len(results)} seed(s): {', '.join(map(str, results))}\n"
+    items = {t: v["n"] for t, v in base["tasks"].items()}
+    table = ("\n".join(lines) + f"\n\nmean ± half-width of the 95% t-interval over {len(results)} seed(s) "
+             f"({', '.join(map(str, results))}); items per seed: {', '.join(f'{t} {n}' for t, n in items.items())}; "
+             f"base model: {', '.join(notes)}\n\nverdict (a difference is called only when the 95% intervals separate):\n"
+             + "\n".join(verdicts) + "\n")
     (work / "forgetting.md").write_text(table)
     plot(rows, names, settings, work / "forgetting_vs_k.png", gain_task, keeps[0][0])
     return table
@@ -197,13 +286,16 @@ def plot(rows, names, settings, out_png, gain_task, keep_label):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def finite(half):  # one seed has no interval: no error bar
+        return half if math.isfinite(half) else 0.0
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     value = {"gain": lambda r: r["gain"], "forgetting": lambda r: r["forgetting"][0], "F": lambda r: r["F"]}
     for ax, key, title in zip(axes, ("gain", "forgetting", "F"), (f"gain on {gain_task}", keep_label, "F = mean ‖ΔW·x‖/‖x‖")):
         sweep = sorted((settings[n][0], value[key](rows[n])) for n in names
                        if settings[n][1] == 1.0 and value[key](rows[n])[0] is not None)
         if sweep:
-            ax.errorbar([k for k, _ in sweep], [m for _, (m, _) in sweep], yerr=[s for _, (_, s) in sweep], fmt="o-",
+            ax.errorbar([k for k, _ in sweep], [m for _, (m, _) in sweep], yerr=[finite(s) for _, (_, s) in sweep], fmt="o-",
                         label="CLoRA λ=1", capsize=3)
             ax.set_xscale("log", base=2)
         for n in names:
@@ -214,7 +306,7 @@ def plot(rows, names, settings, out_png, gain_task, keep_label):
             if lam == 0:
                 ax.axhline(m, ls="--", color="gray", label="LoRA")
             elif lam != 1.0:
-                ax.errorbar([k], [m], yerr=[s], fmt="s", capsize=3, label=f"CLoRA λ={lam:g}")
+                ax.errorbar([k], [m], yerr=[finite(s)], fmt="s", capsize=3, label=f"CLoRA λ={lam:g}")
         ax.set_title(title)
         ax.set_xlabel("k")
         ax.grid(alpha=0.3)
@@ -235,7 +327,7 @@ def real(args):
     if not (base / "config.json").is_file() or not (assets / "bbh").is_dir():
         sys.exit(f"error: run `python launch/prepare_assets.py smollm2 bbh --assets_dir {assets}` first")
     work = Path(args.out)
-    b_all = [b_record(w, k) for w in COLOURS + TOOLS for k in ("bool", "option")]
+    b_all = [b_record(w, k) for w in B_MEMBERS + B_OTHERS for k in FORMATS]
     b_test, b_train = write_jsonl(work / "B.jsonl", b_all), write_jsonl(work / "B_train.jsonl", b_all * 8)
     general = []  # held-out general text: BIG-bench inputs the fine-tuning never saw
     for f in sorted((assets / "bbh").glob("*.jsonl")):
@@ -271,7 +363,8 @@ def main():
     mode.add_argument("--quick", action="store_true", help="the tiny model (CPU, minutes)")
     mode.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (GPU; CPU is slow)")
     ap.add_argument("--out", default="out/forgetting", help="working directory: runs, evaluations, table, plot")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                    help="adapter seeds (init and data order); the intervals are over them (default 0-4)")
     ap.add_argument("--k", type=int, nargs="+", default=None, help="CLoRA k values (quick: 4 16; real: 16 64 128)")
     ap.add_argument("--big_lambda", type=float, default=10.0, help="quick: the extra CLoRA run's λ at the largest k")
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (quick: 120; real: 100)")
@@ -289,7 +382,8 @@ def main():
     args.lr = args.lr or (1e-2 if args.quick else 2e-4)
     started = time.time()
     settings = {"mode": "quick" if args.quick else "real", "steps": args.steps, "lr": args.lr, "k": args.k,
-                "big_lambda": args.big_lambda, "pretrain_steps": args.pretrain_steps}
+                "big_lambda": args.big_lambda, "pretrain_steps": args.pretrain_steps,
+                "words": {"A": len(A_MEMBERS + A_OTHERS), "B": len(B_MEMBERS + B_OTHERS)}}  # an older, smaller world
     stamp = Path(args.out) / "settings.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != settings and not args.fresh:
         sys.exit(f"error: {args.out} holds runs made with other settings ({stamp.read_text().strip()}); pass --fresh "

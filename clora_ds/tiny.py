@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import List, Union
+from typing import Callable, List, Optional, Union
 
 TINY_LLAMA = dict(
     hidden_size=40,
@@ -49,26 +49,51 @@ COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown"
 TOOLS = ["hammer", "saw", "drill", "wrench", "shovel", "chisel", "rake", "pliers", "ladder", "file"]
 
 
-def fact_record(word: str, kind: str, members=FRUITS, category: str = "fruit", other: str = "animal") -> dict:
+# How a question is introduced: wording 0 is LLM-Adapters' own (boolq's, winogrande's); the others are paraphrases,
+# so that a test split can ask trained facts in wordings never trained (demo_splits)
+BOOL_WORDINGS = ["Please answer the following question with true or false",
+                 "Answer the following question with true or false",
+                 "Please reply to this question with true or false",
+                 "Tell me with true or false",
+                 "Answer with true or false",
+                 "Please respond with true or false",
+                 "Say true or false for the following question",
+                 "Kindly answer this question with true or false",
+                 "Answer using true or false",
+                 "Reply true or false"]
+OPTION_WORDINGS = ["Please choose the correct answer to fill in the blank to complete the given sentence",
+                   "Choose the correct answer to fill in the blank of the sentence",
+                   "Please pick the answer that fills the blank in the given sentence",
+                   "Fill in the blank of this sentence with the correct answer",
+                   "Choose the word that fills the blank",
+                   "Please fill in the blank to complete the sentence",
+                   "Select the right answer for the blank",
+                   "Kindly choose the answer that fills the blank in the sentence",
+                   "Please select the right answer for the blank in the sentence",
+                   "Pick the correct answer to fill in the blank"]
+
+
+def fact_record(word: str, kind: str, members=FRUITS, category: str = "fruit", other: str = "animal",
+                wording: int = 0) -> dict:
     """One commonsense-format question (LLM-Adapters layout) about whether ``word`` is a ``category`` (one of
     ``members``) or an ``other``: asked as boolq asks (kind "bool": true/false) or as winogrande asks (kind "option":
-    option1 = category, option2 = other). The demo asks about fruits and animals; bench_forgetting also about colours
-    and tools."""
+    option1 = category, option2 = other), introduced by ``BOOL_WORDINGS`` / ``OPTION_WORDINGS[wording]``. The tests
+    ask about fruits and animals; bench_forgetting also about colours and tools."""
     inside = word in members
     article = "an" if word[0] in "aeiou" else "a"
     if kind == "bool":
         answer = "true" if inside else "false"
-        instruction = (f"Please answer the following question with true or false, question: is {word} a {category}?\n\n"
+        instruction = (f"{BOOL_WORDINGS[wording]}, question: is {word} a {category}?\n\n"
                        "Answer format: true/false")
     else:
         answer = "option1" if inside else "option2"
-        instruction = (f"Please choose the correct answer to fill in the blank to complete the given sentence: {article} "
+        instruction = (f"{OPTION_WORDINGS[wording]}: {article} "
                        f"{word} is a _\n\nOption1: {category} Option2: {other} Answer format: option1/option2")
     return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
 
 
 def fact_splits(seed: int = 0, held_out_per_class: int = 3, repeat: int = 8):
-    """(train, test) records of the demo's small world of facts (which of 20 words are fruits). Train: the true/false
+    """(train, test) records of the tests' small world of facts (which of 20 words are fruits). Train: the true/false
     question for every word, the option question for all but ``held_out_per_class`` fruits and animals (each repeated
     ``repeat`` times). Test: both questions for the held-out words; the option ones ask a fact the adapter was taught
     only in the other format. A base model never answers in either format."""
@@ -78,6 +103,19 @@ def fact_splits(seed: int = 0, held_out_per_class: int = 3, repeat: int = 8):
             [fact_record(w, "option") for w in FRUITS + ANIMALS if w not in held]
     test = [fact_record(w, kind) for w in sorted(held) for kind in ("option", "bool")]
     return train * repeat, test
+
+
+def demo_splits(train_wordings: int = 8) -> tuple:
+    """(train, test) records of the CPU demo: whether each of 20 words is a fruit or an animal, asked as boolq and
+    as winogrande ask. Train: every word in both forms, in the first ``train_wordings`` wordings of each form. Test:
+    the same facts in the remaining wordings (2 x 20 x 2 = 80 questions by default), never trained: the adapter must
+    recall the fact and answer in the form asked, whatever the question's wording."""
+    words = FRUITS + ANIMALS
+    wordings = range(min(len(BOOL_WORDINGS), len(OPTION_WORDINGS)))
+    def asked(which):
+        return [fact_record(w, kind, wording=i) for i in which for w in words for kind in ("bool", "option")]
+
+    return asked(wordings[:train_wordings]), asked(wordings[train_wordings:])
 
 
 def write_jsonl(path: Union[str, Path], records: List[dict]) -> Path:
@@ -139,14 +177,15 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(config)
 
 
-def make_demo_assets(root: Union[str, Path], seed: int = 0) -> dict:
-    """The demo's assets under ``root``: data/train.jsonl and data/test.jsonl (``fact_splits``), a tokenizer and a
-    tiny random LLaMA whose output layer is scaled up (initializer_range 0.1, lm_head x 20). With the default init
-    (std 0.02) a frozen random output layer caps every logit below ~1, so no adapter can lower the loss much."""
+def make_demo_assets(root: Union[str, Path], seed: int = 0, splits: Optional[Callable[[], tuple]] = None) -> dict:
+    """A fact task's assets under ``root``: data/train.jsonl and data/test.jsonl (``splits()``: the CPU demo passes
+    ``demo_splits``; default ``fact_splits(seed)``, the tests' small world), a tokenizer and a tiny random LLaMA whose
+    output layer is scaled up (initializer_range 0.1, lm_head x 20). With the default init (std 0.02) a frozen random
+    output layer caps every logit below ~1, so no adapter can lower the loss much."""
     import torch
 
     root = Path(root)
-    train, test = fact_splits(seed)
+    train, test = splits() if splits else fact_splits(seed)
     write_jsonl(root / "data" / "train.jsonl", train)
     write_jsonl(root / "data" / "test.jsonl", test)
     tokenizer = train_tokenizer([f"{r['instruction']} {r['output']}" for r in train + test], root / "model")
