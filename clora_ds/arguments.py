@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .config import CLoRAConfig
+from .data import DATA_FILE_SUFFIXES, FORMATS
 from .ds_config import HF_SCHEDULERS, MONITORS, OPTIMIZERS
 from .errors import ConfigError
-from .run_dir import BEST_METRICS
+from .run_dir import best_metric_direction
 
 ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
-DATASET_FORMATS = ("auto", "alpaca", "commonsense", "metamath", "messages")
+DATASET_FORMATS = ("auto",) + tuple(FORMATS)  # clora_ds.data's formats; docs/data.md shows each
 
 
 @dataclass
@@ -34,13 +35,95 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: str = field(metadata={"help": "Training data: .json, .jsonl or .parquet, or a hub dataset name."})
-    eval_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same formats as train_file."})
-    dataset_format: str = field(default="auto", metadata={"help": "alpaca | commonsense | metamath | messages | auto (detected from the keys)."})
+    train_file: str = field(metadata={"help": "Training data: a .json, .jsonl, .parquet or .txt file or a hub dataset name (NAME@SPLIT; default split train); several, comma-separated, make a mixture (see --train_weights). Each source's format is detected from its own keys unless --dataset_format is given, which then applies to every source."})
+    train_weights: Optional[str] = field(default=None, metadata={"help": "Mixture weights, comma-separated, one per --train_file source in its order (finite, > 0; normalised to sum 1), e.g. 0.8,0.1,0.1. Each epoch draws round(w_i * N) examples from source i (N: the examples of all sources), without replacement, cycling a source whose share exceeds its size; a pure function of (--seed, epoch), so resume is exact. Default: every example of every source once per epoch (proportional to size)."})
+    eval_file: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same kinds of source as train_file (a hub dataset reads split test; NAME@SPLIT for another). One source is logged as eval_loss (and eval_accuracy for a commonsense task); several are named: SET=SOURCE,SET=SOURCE, e.g. task=t.jsonl,general=g.txt, each logged as eval_SET_loss (and eval_SET_accuracy)."})
+    dataset_format: str = field(default="auto", metadata={"help": "alpaca | commonsense | metamath | messages | sharegpt | text | auto (detected from each source's keys; a .txt file is text). messages and sharegpt are chat: the ids are the tokenizer's apply_chat_template, the loss on the assistant turns and their end-of-turn token; text: the loss on every token. docs/data.md shows each format."})
     max_seq_length: int = field(default=1024, metadata={"help": "Examples are truncated to this many tokens; those left without a response token are dropped."})
     packing: bool = field(default=False, metadata={"help": "Padding-free packing: several examples per row, position_ids restart, no cross-attention."})
     train_on_prompt: bool = field(default=False, metadata={"help": "Also put the loss on prompt tokens (default: response tokens only)."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where tokenized data is cached (default: the datasets cache, HF_DATASETS_CACHE/clora_ds; never inside output_dir)."})
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One source of --train_file or --eval_file: a local file, or a hub dataset and its split."""
+
+    path: str
+    split: Optional[str] = None  # the hub split; None for a local file (it has none)
+    name: Optional[str] = None   # an eval set's name (SET=SOURCE); None for training data and a bare --eval_file
+
+    def __str__(self) -> str:
+        return self.path if self.split is None else f"{self.path}@{self.split}"
+
+
+SET_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _source(text: str, flag: str, default_split: str, name: Optional[str] = None) -> DataSource:
+    if not text:
+        raise ConfigError(f"{flag}: an empty source; give comma-separated files or hub dataset names")
+    if Path(text).suffix in DATA_FILE_SUFFIXES or "@" not in text:  # a local file keeps any @ in its name
+        return DataSource(text, None if Path(text).suffix in DATA_FILE_SUFFIXES else default_split, name)
+    path, split = text.rsplit("@", 1)
+    if not path or not split:
+        raise ConfigError(f"{flag} {text!r}: give a hub dataset as NAME@SPLIT (e.g. {path or 'org/data'}@{default_split})")
+    return DataSource(path, split, name)
+
+
+def train_sources(data: DataArguments) -> List[DataSource]:
+    """--train_file's sources, in order; ConfigError when it does not parse."""
+    return [_source(part.strip(), "--train_file", "train") for part in str(data.train_file).split(",")]
+
+
+def eval_sources(data: DataArguments) -> List[DataSource]:
+    """--eval_file's sets (none without it): one bare source, or several SET=SOURCE with distinct names."""
+    if not data.eval_file:
+        return []
+    parts = [part.strip() for part in str(data.eval_file).split(",")]
+    sets = []
+    for part in parts:
+        name, sep, text = (piece.strip() for piece in part.partition("="))
+        if sep and SET_NAME_RE.fullmatch(name):
+            sets.append(_source(text, "--eval_file", "test", name))
+            continue
+        if sep and "/" not in name and "." not in name:  # meant as a name (not a path with = in it), but not one
+            raise ConfigError(f"--eval_file: set name {name!r} in {part!r}: use letters, digits, _ and - (starting "
+                              "with a letter or digit), e.g. task=t.jsonl")
+        if len(parts) > 1:
+            raise ConfigError(f"--eval_file: {part!r} has no name; several eval sets are named each, SET=SOURCE,"
+                              "SET=SOURCE (logged as eval_SET_loss), e.g. task=t.jsonl,general=g.txt")
+        sets.append(_source(part, "--eval_file", "test"))
+    names = [s.name for s in sets if s.name]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--eval_file names {', '.join(twice)} more than once; give every eval set its own name")
+    return sets
+
+
+def mixture_weights(data: DataArguments) -> Optional[List[float]]:
+    """--train_weights as numbers, one per --train_file source (None without it); ConfigError when they do not fit."""
+    if data.train_weights is None:
+        return None
+    n_sources = len(str(data.train_file).split(","))
+    weights = []
+    for i, part in enumerate(str(data.train_weights).split(","), 1):
+        try:
+            w = float(part)
+        except ValueError:
+            raise ConfigError(f"--train_weights {data.train_weights!r}: {part.strip()!r} is not a number; give one "
+                              "number > 0 per --train_file source, comma-separated") from None
+        if not _finite(w) or w <= 0:
+            raise ConfigError(f"--train_weights: weight {i} is {part.strip()}; each must be a finite number > 0 (leave "
+                              "a source out of --train_file rather than weighting it 0)")
+        weights.append(w)
+    if n_sources == 1:
+        raise ConfigError("--train_weights weighs the sources of a mixture, and --train_file has one; give several "
+                          "comma-separated sources or leave --train_weights out")
+    if len(weights) != n_sources:
+        raise ConfigError(f"--train_weights gives {len(weights)} weights for {n_sources} --train_file sources; give one "
+                          "per source, in the same order, or leave it out (each source in proportion to its size)")
+    return weights
 
 
 # The CLoRA group: one flag per CLoRAConfig field, named by its metadata. P's seed is --seed (TrainArguments).
@@ -48,7 +131,7 @@ class DataArguments:
 _CLI_TYPES = {"int": int, "float": float, "str": str}
 CLoRAArguments = dataclasses.make_dataclass("CLoRAArguments", [
     (f.metadata["flag"], _CLI_TYPES.get(f.type, str), field(default=f.default, metadata={"help": f.metadata["help"]}))
-    for f in dataclasses.fields(CLoRAConfig) if f.name != "seed"])
+    for f in dataclasses.fields(CLoRAConfig) if f.name != "seed" and f.metadata["flag"]])
 CLoRAArguments.__doc__ = "LoRA and CLoRA settings (generated from CLoRAConfig: same defaults and help)."
 
 
@@ -76,12 +159,15 @@ class TrainArguments:
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N complete checkpoints (older complete ones are deleted)."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps (metrics.jsonl, progress bar, monitors)."})
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_file; default: at the end only): eval loss, and multiple-choice accuracy by log-likelihood when the eval file is a commonsense task."})
-    save_best_metric: Optional[str] = field(default=None, metadata={"help": "eval_loss | eval_accuracy: keep the best checkpoint by this metric besides the newest (within --save_total_limit, which must then be >= 2); needs --eval_steps dividing --save_steps."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_file; default: at the end only): each eval set's loss, and multiple-choice accuracy by log-likelihood for a set that is a commonsense task."})
+    save_best_metric: Optional[str] = field(default=None, metadata={"help": "eval_loss | eval_accuracy (a bare --eval_file) or eval_SET_loss | eval_SET_accuracy (a named set SET=SOURCE; accuracy for a commonsense task only): keep the best checkpoint by this metric besides the newest (within --save_total_limit, which must then be >= 2); needs --eval_steps dividing --save_steps."})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "A checkpoint-STEP path, or auto (the newest complete checkpoint in output_dir; starts fresh, and says so, when there is none). The checkpoint must have been trained with the same settings."})
     optim: str = field(default="auto", metadata={"help": "auto | adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit. auto: the DeepSpeed config's optimizer (DeepSpeed's AdamW when its type is auto); the others are handed to DeepSpeed as a client optimizer (bitsandbytes for the 8-bit and paged ones); the config's optimizer type must then be auto."})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb | csv (comma-separated for several): DeepSpeed's monitor."})
     profile_steps: Optional[str] = field(default=None, metadata={"help": "Profile optimizer steps A-B (1-based, e.g. 6-7) with torch.profiler on rank 0: OUTPUT_DIR/profile/ gets a Chrome trace and the top ops by time."})
+    fused_lora: str = field(default="auto", metadata={"help": "auto | off. auto: every LoRA layer with LoRA dropout 0 (--lora_dropout 0) over a plain linear base runs as one fused autograd Function (y = W·x + s·B·(A·x), the scale folded into the GEMM; the CLoRA penalty taken inside, exact under ZeRO-3 and checkpointing); LoRA dropout > 0 and bitsandbytes 4-/8-bit bases keep PEFT's path (the log says which); off: PEFT's path everywhere."})
+    chunked_loss: str = field(default="auto", metadata={"help": "auto | off. The task loss from the last hidden state in chunks of tokens through the output layer, never the full float32 logits (the same loss and gradients; only label tokens enter the output GEMM). auto: on for LLaMA, Mistral and Qwen2/3 models (it measured less memory and less time on CPU: docs/performance.md), HF's loss for other architectures (the log says so); off: HF's loss over the full logits."})
+    peak_tflops: Optional[float] = field(default=None, metadata={"help": "Peak dense TFLOP/s of one GPU, for the mfu column of metrics.jsonl. Default: from the GPU's name (its bf16/fp16 tensor-core rate; the table is in docs/performance.md) when training in bf16 or fp16; mfu is null on the CPU, for fp32 training and for a GPU not in the table."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
 
 
@@ -97,7 +183,7 @@ def arguments_dict(*groups) -> dict:
 
 def clora_config(clora_args, train: TrainArguments) -> CLoRAConfig:
     """The CLoRAConfig the flags describe (P's seed is --seed)."""
-    values = {f.name: getattr(clora_args, f.metadata["flag"]) for f in dataclasses.fields(CLoRAConfig) if f.name != "seed"}
+    values = {f.name: getattr(clora_args, f.metadata["flag"]) for f in dataclasses.fields(CLoRAConfig) if f.name != "seed" and f.metadata["flag"]}
     return CLoRAConfig(seed=train.seed, **values)
 
 
@@ -123,7 +209,12 @@ def argument_problems(model: ModelArguments, data: DataArguments, clora_args, tr
         problems.append(f"--dataset_format {data.dataset_format!r}: choose {', '.join(DATASET_FORMATS)}")
     if data.max_seq_length < 8:
         problems.append(f"--max_seq_length {data.max_seq_length} is too small (at least 8)")
-    values = {f.name: getattr(clora_args, f.metadata["flag"]) for f in dataclasses.fields(CLoRAConfig) if f.name != "seed"}
+    for parse in (train_sources, eval_sources, mixture_weights):
+        try:
+            parse(data)
+        except ConfigError as err:
+            problems.append(str(err))
+    values = {f.name: getattr(clora_args, f.metadata["flag"]) for f in dataclasses.fields(CLoRAConfig) if f.name != "seed" and f.metadata["flag"]}
     flag = {f.name: f.metadata["flag"] for f in dataclasses.fields(CLoRAConfig)}
     problems += [f"--{flag[name]} {text}" for name, text in CLoRAConfig.problems({**values, "seed": train.seed})]
     if train.bf16 and train.fp16:
@@ -137,6 +228,12 @@ def argument_problems(model: ModelArguments, data: DataArguments, clora_args, tr
                         "--bf16 (or fp32); DeepSpeed's fp16 loss scaling over a bitsandbytes base is untested here")
     if train.clora_p_shard not in ("auto", "off"):
         problems.append(f"--clora_p_shard {train.clora_p_shard!r}: choose auto or off")
+    for flag in ("fused_lora", "chunked_loss"):
+        if getattr(train, flag) not in ("auto", "off"):
+            problems.append(f"--{flag} {getattr(train, flag)!r}: choose auto or off")
+    if train.peak_tflops is not None and not (_finite(train.peak_tflops) and train.peak_tflops > 0):
+        problems.append(f"--peak_tflops {train.peak_tflops}: give the GPU's peak dense TFLOP/s, a number > 0 (e.g. 989 "
+                        "for an H100 SXM in bf16), or leave it out")
     if train.optim not in OPTIMIZERS:
         problems.append(f"--optim {train.optim!r}: choose {', '.join(OPTIMIZERS)}")
     if train.lr_scheduler_type not in HF_SCHEDULERS:
@@ -174,8 +271,9 @@ def argument_problems(model: ModelArguments, data: DataArguments, clora_args, tr
     if train.eval_steps is not None and not data.eval_file:
         problems.append("--eval_steps needs --eval_file")
     if train.save_best_metric is not None:
-        if train.save_best_metric not in BEST_METRICS:
-            problems.append(f"--save_best_metric {train.save_best_metric!r}: choose {' or '.join(BEST_METRICS)}")
+        if best_metric_direction(train.save_best_metric) is None:
+            problems.append(f"--save_best_metric {train.save_best_metric!r}: choose eval_loss or eval_accuracy (a bare "
+                            "--eval_file), or eval_SET_loss or eval_SET_accuracy (a named eval set SET=SOURCE)")
         if not train.eval_steps or (train.save_steps and train.save_steps % train.eval_steps):
             problems.append("--save_best_metric needs --eval_steps, and --save_steps a multiple of it (every checkpoint "
                             "is then evaluated)")

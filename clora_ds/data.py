@@ -5,30 +5,34 @@ Formats (detected from the keys of the first record when not given):
     commonsense  instruction, [input], output, answer      (LLM-Adapters commonsense_170k)
     metamath     query, response, [type]                    (MetaMathQA)
     messages     messages: [{role, content}, ...]           (chat; loss on assistant turns)
+    sharegpt     conversations: [{from, value}, ...]         (read as messages; from: human|gpt|system|user|assistant)
+    text         text                                       (plain text; loss on every token; also a .txt file:
+                                                             one document per blank-line separated block)
 The alpaca template is the one LLM-Adapters / MiLoRA use for commonsense and math data (and so the
-CLoRA paper), so results compare with the paper's.
+CLoRA paper), so results compare with the paper's. alpaca, commonsense, metamath and text are tokenized as one
+string, [bos] text [eos]. A chat record (messages, sharegpt) is exactly what the tokenizer's chat template makes of it,
+``apply_chat_template(messages, tokenize=True)``, the ids every inference server feeds the model: the template owns
+BOS and the end-of-turn tokens, nothing is added; the loss is on each assistant turn's content and its end-of-turn
+token (what the template writes after that token on the turn, such as ChatML's newline, is not learned). A tokenizer
+without a chat template uses FALLBACK_CHAT_TEMPLATE. docs/data.md has an example of each format.
 
-Packing is padding-free: examples are concatenated into rows of at most max_seq_length tokens with
-position_ids restarting at 0 for each example and no attention_mask; attention then runs per sequence
-(clora_ds.attention for SDPA, varlen flash-attention) or under transformers' block-diagonal causal mask
-(eager), so packed examples cannot attend to each other.
+Packing, the batch order and mixtures of sources: ``clora_ds.batches``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
-
-import torch
+from typing import Dict, List, Optional, Tuple
 
 from .errors import DataError
 
 IGNORE_INDEX = -100
-TOKENIZATION_VERSION = 2  # part of the tokenized-data cache key: bump whenever tokenize_pieces changes its output
+TOKENIZATION_VERSION = 3  # part of the tokenized-data cache key: bump whenever record_encoder changes its output
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -46,7 +50,18 @@ FORMATS = {  # format -> required keys (optional ones are in the module docstrin
     "commonsense": ("instruction", "output", "answer"),
     "metamath": ("query", "response"),
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
 }
+CHAT_FORMATS = ("messages", "sharegpt")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# The chat layout of a tokenizer without a chat template: one BOS, "### Role:" headers, and EOS as the assistant's
+# end-of-turn token, so that the model learns to stop.
+FALLBACK_CHAT_TEMPLATE = (  # string expressions, not bare text: the chat template renderer trims a newline after a tag
+    "{{ bos_token or '' }}{% for m in messages %}{{ '### ' + (m['role'] | capitalize) + ':\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
 
 
 def alpaca_prompt(record: dict) -> str:
@@ -56,14 +71,15 @@ def alpaca_prompt(record: dict) -> str:
 
 def detect_format(keys) -> Optional[str]:
     keys = set(keys)
-    for name in ("messages", "metamath", "commonsense", "alpaca"):  # most specific first
+    for name in ("messages", "sharegpt", "metamath", "commonsense", "alpaca", "text"):  # most specific first
         if set(FORMATS[name]) <= keys:
             return name
     return None
 
 
 def read_records(path: str) -> List[dict]:
-    """Records of a .json / .jsonl / .parquet file; anything unreadable names the file (and line)."""
+    """Records of a .json / .jsonl / .parquet file, or of a .txt file (format text: one {"text": ...} record per
+    blank-line separated block); anything unreadable names the file (and line)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file {path} does not exist" + (" (it is a directory)" if p.is_dir() else ""))
@@ -75,8 +91,8 @@ def read_records(path: str) -> List[dict]:
             records = pq.read_table(p).to_pylist()
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path}: not a readable parquet file ({p.stat().st_size:,} bytes; {err})") from None
-    elif p.suffix not in (".json", ".jsonl"):
-        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use .json, .jsonl or .parquet")
+    elif p.suffix not in (".json", ".jsonl", ".txt"):
+        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use .json, .jsonl, .parquet or .txt")
     else:
         raw = p.read_bytes()
         try:
@@ -85,10 +101,22 @@ def read_records(path: str) -> List[dict]:
             line = raw[:err.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: byte {raw[err.start]:#04x} at offset {err.start:,} is not UTF-8; save the "
                             "file as UTF-8 text") from None
-        records = _parse_json_records(text, path, p.suffix)
+        records = _text_blocks(text) if p.suffix == ".txt" else _parse_json_records(text, path, p.suffix)
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise DataError(f"{path}: record {bad + 1} is a {type(records[bad]).__name__}, expected a JSON object")
+    return records
+
+
+def _text_blocks(text: str) -> List[dict]:
+    """{"text": block} for each block of non-blank lines (a document); blank (or whitespace-only) lines separate them."""
+    records, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.strip():
+            block.append(line)
+        elif block:
+            records.append({"text": "\n".join(block)})
+            block = []
     return records
 
 
@@ -116,21 +144,24 @@ def _parse_json_records(text: str, path: str, suffix: str) -> list:
     return records
 
 
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")  # a name ending so is a local file, never a hub dataset
+
+
 def load_records(source: str, split: str = "train") -> List[dict]:
-    """Records of a local file or a hub dataset name."""
-    if Path(source).suffix in (".json", ".jsonl", ".parquet") or Path(source).exists():
+    """Records of a local file, or of split ``split`` of a hub dataset (a local file has no split: it is ignored)."""
+    if Path(source).suffix in DATA_FILE_SUFFIXES or Path(source).exists():
         return read_records(source)
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise DataError(f"{source!r} is not a local file, and the hub is off (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set); "
-                        "download the dataset first and pass its local .json/.jsonl/.parquet file")
+        raise DataError(f"{source!r} (split {split}) is not a local file, and the hub is off (HF_DATASETS_OFFLINE / "
+                        "HF_HUB_OFFLINE is set); download the dataset first and pass its local .json/.jsonl/.parquet file")
     from datasets import load_dataset
 
     try:
         ds = load_dataset(source, split=split)
     except Exception as err:  # the hub is often unreachable on compute nodes: say so plainly
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"could not load dataset {source!r}: not a local .json/.jsonl/.parquet file, and the hub said: "
-                        f"{first}") from None
+        raise DataError(f"could not load split {split!r} of dataset {source!r}: not a local .json/.jsonl/.parquet file, "
+                        f"and the hub said: {first}") from None
     return ds.to_list()
 
 
@@ -159,7 +190,7 @@ def check_records(records: List[dict], where: str, dataset_format: Optional[str]
 
 
 TEXT_FIELDS = {"alpaca": ("instruction", "input", "output"), "commonsense": ("instruction", "input", "output", "answer"),
-               "metamath": ("query", "response")}
+               "metamath": ("query", "response"), "text": ("text",)}
 
 
 def _field_type_problem(rec: dict, dataset_format: str) -> Optional[str]:
@@ -168,14 +199,8 @@ def _field_type_problem(rec: dict, dataset_format: str) -> Optional[str]:
         text = json.dumps(v)
         return text if len(text) <= 40 else text[:37] + "..."
 
-    if dataset_format == "messages":
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return f"field 'messages' must be a non-empty list of {{role, content}} objects, found {show(msgs)}"
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                return f"messages[{j}] must be an object with string 'role' and 'content', found {show(m)}"
-        return None
+    if dataset_format in CHAT_FORMATS:
+        return _chat_problem(rec, dataset_format, show)
     for key in TEXT_FIELDS[dataset_format]:
         value = rec.get(key)
         if value is not None and not isinstance(value, str):
@@ -184,36 +209,157 @@ def _field_type_problem(rec: dict, dataset_format: str) -> Optional[str]:
     return None
 
 
-def _chat_text(tokenizer, messages: List[dict], add_generation_prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    # no chat template: a plain, documented fallback
-    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
-    return text + ("### Assistant:\n" if add_generation_prompt else "")
+def _chat_problem(rec: dict, dataset_format: str, show) -> Optional[str]:
+    """What makes a messages / sharegpt record unusable (not a list of turns, no assistant turn to learn from), or None."""
+    field_name, role_key, text_key = ("messages", "role", "content") if dataset_format == "messages" else \
+        ("conversations", "from", "value")
+    turns = rec[field_name]
+    if not isinstance(turns, list) or not turns:
+        return f"field {field_name!r} must be a non-empty list of {{{role_key}, {text_key}}} objects, found {show(turns)}"
+    for j, m in enumerate(turns):
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
+            return f"{field_name}[{j}] must be an object with string {role_key!r} and {text_key!r}, found {show(m)}"
+        if dataset_format == "sharegpt" and m[role_key] not in SHAREGPT_ROLES:
+            return f"{field_name}[{j}] is from {m[role_key]!r}; ShareGPT turns are from {', '.join(SHAREGPT_ROLES)}"
+    roles = [SHAREGPT_ROLES[m[role_key]] if dataset_format == "sharegpt" else m[role_key] for m in turns]
+    if "assistant" not in roles:
+        return f"{field_name} has no assistant turn to learn from (roles: {', '.join(roles)})"
+    if roles[0] == "assistant":
+        return (f"{field_name}[0] is an assistant turn; a conversation opens with a system or user turn (the assistant's "
+                "reply needs a prompt)")
+    return None
 
 
-def prompt_response_pairs(record: dict, dataset_format: str, tokenizer) -> List[Tuple[str, bool]]:
-    """The example as text pieces, each flagged True where the loss applies (the response)."""
+def chat_messages(record: dict, dataset_format: str) -> List[dict]:
+    """A chat record's turns as [{role, content}, ...]: ShareGPT's {from, value} read through SHAREGPT_ROLES."""
+    if dataset_format == "sharegpt":
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    return record["messages"]
+
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class ChatEncoder:
+    """Chat messages -> exactly the ids of ``tokenizer.apply_chat_template(messages, tokenize=True)``, and labels.
+
+    The labels are IGNORE_INDEX but on each assistant turn's content and its end-of-turn token, the turn's last special
+    token (<|im_end|>, <|eot_id|>, </s>, ...); what the template writes after it on that turn (ChatML's newline) is not
+    learned. System and user turns are kept in the ids, without loss. A turn's tokens are located by the template's
+    ``{% generation %}`` markers where it has them (``return_assistant_tokens_mask``); otherwise by rendering prefixes:
+    assistant turn i spans from the ids of messages[:i] with the generation prompt to the ids of messages[:i+1], and
+    both must be prefixes of the whole conversation's ids. A template that renders history differently once later turns
+    follow (drops earlier reasoning, changes the system line) fails that check: a DataError, never a silent mis-mask.
+    A tokenizer without a chat template uses FALLBACK_CHAT_TEMPLATE.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        own = tokenizer.get_chat_template() if getattr(tokenizer, "chat_template", None) else None
+        self.template = own or FALLBACK_CHAT_TEMPLATE
+        # return_assistant_tokens_mask needs the character offsets only a fast (Rust) tokenizer gives
+        self.marked = bool(_GENERATION_BLOCK.search(self.template)) and getattr(tokenizer, "is_fast", False)
+        added = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        self.end_of_turn_ids = (set(tokenizer.all_special_ids) | added) - {tokenizer.unk_token_id}
+
+    def __call__(self, messages: List[dict], max_len: int, train_on_prompt: bool = False) -> Dict[str, list]:
+        """input_ids, labels (both truncated to max_len) and full_length, as tokenize_pieces returns them, for messages
+        that check_records accepts (an assistant turn, and not first)."""
+        ids, spans = self._marked_spans(messages) if self.marked else self._prefix_spans(messages)
+        if train_on_prompt:
+            labels = list(ids)
+        else:
+            labels = [IGNORE_INDEX] * len(ids)
+            for start, end in spans:
+                last = next((j for j in range(end - 1, start - 1, -1) if ids[j] in self.end_of_turn_ids), end - 1)
+                labels[start:last + 1] = ids[start:last + 1]
+        return {"input_ids": ids[:max_len], "labels": labels[:max_len], "full_length": len(ids)}
+
+    def _render(self, conversations: List[List[dict]], add_generation_prompt: bool) -> List[str]:
+        import jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template(conversations, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as err:
+            raise DataError(f"the chat template refuses this conversation: {err}") from None
+
+    def _prefix_spans(self, messages: List[dict]) -> Tuple[List[int], List[Tuple[int, int]]]:
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        histories = [messages[:i + 1] for i in turns] + ([messages] if turns[-1] != len(messages) - 1 else [])
+        texts = self._render([messages[:i] for i in turns], True) + self._render(histories, False)
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # as apply_chat_template tokenizes
+        ids, spans = list(encoded[-1]), []
+        for k, i in enumerate(turns):
+            start, end = encoded[k], encoded[len(turns) + k]
+            for part, what in ((start, f"messages[:{i}] with the generation prompt"), (end, f"messages[:{i + 1}]")):
+                if ids[:len(part)] != part:
+                    self._not_a_prefix(part, ids, what)
+            if len(end) <= len(start):
+                raise DataError(f"the chat template's generation prompt for messages[{i}] holds more than the assistant "
+                                f"turn's header as it renders it in the history ({self._show(end[len(end) - 8:])} ends the "
+                                f"turn, the prompt is {len(start) - len(end)} tokens longer), so the turn cannot be located")
+            spans.append((len(start), len(end)))
+        return ids, spans
+
+    def _marked_spans(self, messages: List[dict]) -> Tuple[List[int], List[Tuple[int, int]]]:
+        import jinja2
+
+        try:
+            out = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=True, return_dict=True,
+                                                     return_assistant_tokens_mask=True)
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as err:
+            raise DataError(f"the chat template refuses this conversation: {err}") from None
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"]) + [0]
+        spans, start = [], None
+        for j, flag in enumerate(mask):
+            if flag and start is None:
+                start = j
+            elif not flag and start is not None:
+                spans.append((start, j))
+                start = None
+        if not spans:
+            raise DataError("the chat template's {% generation %} blocks mark no token of this conversation's assistant "
+                            "turns, so there is nothing to learn")
+        return ids, spans
+
+    def _show(self, ids: List[int]) -> str:
+        return repr(self.tokenizer.decode(ids))
+
+    def _not_a_prefix(self, part: List[int], ids: List[int], what: str):
+        at = next((j for j, (a, b) in enumerate(zip(part, ids)) if a != b), min(len(part), len(ids)))
+        raise DataError(
+            f"the chat template renders {what} as tokens that are not a prefix of the whole conversation's (from token "
+            f"{at} on it writes {self._show(part[at:at + 8])}, the whole conversation {self._show(ids[at:at + 8])}): it "
+            "renders earlier turns differently once later turns follow (for example it drops earlier reasoning or "
+            "changes the system line), so the assistant turns cannot be located; use a template that renders the "
+            "history as it was, or one with {% generation %} markers")
+
+
+def prompt_response_pairs(record: dict, dataset_format: str) -> List[Tuple[str, bool]]:
+    """A non-chat example as text pieces, each flagged True where the loss applies (the response; all of a text)."""
     if dataset_format in ("alpaca", "commonsense"):
         return [(alpaca_prompt(record), False), (record["output"], True)]
     if dataset_format == "metamath":
         return [(ALPACA_NO_INPUT.format(instruction=record["query"]), False), (record["response"], True)]
-    pieces, done = [], ""
-    msgs = record["messages"]
-    for i, m in enumerate(msgs):
-        if m["role"] == "assistant":
-            prompt = _chat_text(tokenizer, msgs[:i], add_generation_prompt=True)
-            full = _chat_text(tokenizer, msgs[: i + 1], add_generation_prompt=False)
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
-            done = full
-    if not pieces:
-        raise DataError("a messages record has no assistant turn to learn from")
-    return pieces
+    if dataset_format == "text":
+        return [(record["text"], True)]
+    raise ValueError(f"{dataset_format} records are tokenized by ChatEncoder, not as text pieces")
+
+
+def record_encoder(tokenizer, dataset_format: str, max_len: int, train_on_prompt: bool = False):
+    """The function tokenizing one record of ``dataset_format`` -> {input_ids, labels, full_length}: chat formats through
+    ChatEncoder (the template's ids), the others through tokenize_pieces ([bos] text [eos])."""
+    if dataset_format in CHAT_FORMATS:
+        chat = ChatEncoder(tokenizer)
+        return lambda rec: chat(chat_messages(rec, dataset_format), max_len, train_on_prompt)
+    return lambda rec: tokenize_pieces(tokenizer, prompt_response_pairs(rec, dataset_format), max_len, train_on_prompt)
 
 
 def loss_token_count(labels) -> int:
     """Tokens that carry a loss: HF predicts labels[1:] (the shift), ignoring IGNORE_INDEX."""
-    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+    tail = labels[1:]
+    return len(tail) - tail.count(IGNORE_INDEX)  # list.count: C speed, every epoch of a mixture recounts its units
 
 
 def tokenize_pieces(tokenizer, pieces: List[Tuple[str, bool]], max_len: int, train_on_prompt: bool) -> Dict[str, list]:
@@ -285,9 +431,13 @@ def tokenize_records(records, where, tokenizer, dataset_format, max_len, train_o
     from datasets import Dataset
 
     fmt = check_records(records, where, dataset_format)
+    encode_record = record_encoder(tokenizer, fmt, max_len, train_on_prompt)
 
-    def encode(rec):
-        return tokenize_pieces(tokenizer, prompt_response_pairs(rec, fmt, tokenizer), max_len, train_on_prompt)
+    def encode(rec, index):
+        try:
+            return encode_record(rec)
+        except DataError as err:  # a template that cannot be masked exactly: name the record
+            raise DataError(f"{where}: record {index + 1}: {err}") from None
 
     ds = Dataset.from_list(records)
     cache = None
@@ -295,7 +445,7 @@ def tokenize_records(records, where, tokenizer, dataset_format, max_len, train_o
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         key = f"v{TOKENIZATION_VERSION}-{ds._fingerprint}-{tokenizer_fingerprint(tokenizer)}-{fmt}-{max_len}-{int(train_on_prompt)}"
         cache = str(Path(cache_dir) / f"tokenized-{key}.arrow")
-    ds = ds.map(encode, remove_columns=ds.column_names, cache_file_name=cache, load_from_cache_file=cache is not None,
+    ds = ds.map(encode, with_indices=True, remove_columns=ds.column_names, cache_file_name=cache, load_from_cache_file=cache is not None,
                 desc="tokenizing")
     examples, truncated, dropped = [], 0, 0
     for ex in ds:
@@ -311,108 +461,3 @@ def tokenize_records(records, where, tokenizer, dataset_format, max_len, train_o
             f"and none keeps a response token after truncation. Raise --max_seq_length or shorten the prompts."
         )
     return TokenizedData(examples, fmt, len(records), truncated, dropped)
-
-
-def pack_examples(examples: List[Dict[str, list]], max_len: int, seed: int) -> List[List[Dict[str, list]]]:
-    """Greedy first-fit of shuffled examples into rows of at most max_len tokens (deterministic by seed)."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows, room = [], []
-    for i in order:
-        n = len(examples[i]["input_ids"])
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(examples[i])
-                room[r] -= n
-                break
-        else:
-            rows.append([examples[i]])
-            room.append(max_len - n)
-    return rows
-
-
-def _right_pad(rows_ids: List[List[int]], rows_labels: List[List[int]], pad_id: int):
-    """input_ids (pad_id) and labels (IGNORE_INDEX) [B, T], right-padded to the longest row."""
-    longest = max(map(len, rows_ids))
-    ids = torch.full((len(rows_ids), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows_ids), longest), IGNORE_INDEX, dtype=torch.long)
-    for b, (row_ids, row_labels) in enumerate(zip(rows_ids, rows_labels)):
-        ids[b, :len(row_ids)] = torch.tensor(row_ids)
-        labels[b, :len(row_labels)] = torch.tensor(row_labels)
-    return ids, labels
-
-
-def collate_packed(rows: List[List[Dict[str, list]]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Padding-free packed batch: input_ids/labels/position_ids [B, T], no attention_mask."""
-    ids, labels = _right_pad([[t for ex in row for t in ex["input_ids"]] for row in rows],
-                             [[t for ex in row for t in ex["labels"]] for row in rows], pad_id)
-    # positions restart per example; trailing pad continues the last example's positions so it cannot
-    # look like a new sequence start
-    pos = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        t = 0
-        for ex in row:
-            n = len(ex["input_ids"])
-            pos[b, t:t + n] = torch.arange(n)
-            t += n
-        if t < ids.shape[1]:
-            pos[b, t:] = torch.arange(pos[b, t - 1] + 1, pos[b, t - 1] + 1 + ids.shape[1] - t)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos}
-
-
-def pad_batch(examples: List[Dict[str, list]], pad_id: int) -> Dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids/labels/attention_mask [B, T]."""
-    ids, labels = _right_pad([e["input_ids"] for e in examples], [e["labels"] for e in examples], pad_id)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(examples):
-        mask[i, :len(e["input_ids"])] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-class GlobalBatches:
-    """Deterministic order of training units (examples or packed rows) over epochs and ranks.
-
-    Step s of epoch e uses units perm_e[s·G : (s+1)·G] with G = micro · world · accum; micro-batch j of
-    rank w takes the slice starting at (j·world + w)·micro. A step is a pure function of (seed, step),
-    so resume continues the same sample order. The last incomplete global batch of an epoch is dropped.
-    """
-
-    def __init__(self, units: list, micro: int, world: int, accum: int, seed: int, packed: bool, pad_id: int):
-        self.units, self.micro, self.world, self.accum = units, micro, world, accum
-        self.seed, self.packed, self.pad_id = seed, packed, pad_id
-        self.global_batch = micro * world * accum
-        self.steps_per_epoch = len(units) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"{len(units)} training {'rows' if packed else 'examples'} are fewer than one global batch "
-                f"({micro} per device x {world} devices x {accum} accumulation = {self.global_batch})"
-            )
-        exs = (lambda unit: unit) if packed else (lambda unit: [unit])
-        # per-unit counts never change: computed once, not per step on the hot path
-        self._loss_tokens = [sum(loss_token_count(ex["labels"]) for ex in exs(u)) for u in units]
-        self._real_tokens = [sum(len(ex["input_ids"]) for ex in exs(u)) for u in units]
-        self._perm_epoch, self._perm = None, None
-
-    def _permutation(self, epoch: int) -> List[int]:
-        if self._perm_epoch != epoch:
-            self._perm = torch.randperm(len(self.units), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            self._perm_epoch = epoch
-        return self._perm
-
-    def step_indices(self, step: int) -> List[int]:
-        """Unit indices of global step ``step`` (0-based), in micro-batch-major, rank-minor order."""
-        epoch, s = divmod(step, self.steps_per_epoch)
-        return self._permutation(epoch)[s * self.global_batch:(s + 1) * self.global_batch]
-
-    def micro_batches(self, step: int, rank: int) -> Iterator[Dict[str, torch.Tensor]]:
-        indices = self.step_indices(step)
-        for j in range(self.accum):
-            start = (j * self.world + rank) * self.micro
-            chunk = [self.units[i] for i in indices[start:start + self.micro]]
-            yield collate_packed(chunk, self.pad_id) if self.packed else pad_batch(chunk, self.pad_id)
-
-    def label_tokens(self, step: int) -> int:
-        """Tokens that carry a loss in the whole global batch (every rank computes the same number)."""
-        return sum(self._loss_tokens[i] for i in self.step_indices(step))
-
-    def real_tokens(self, step: int) -> int:
-        return sum(self._real_tokens[i] for i in self.step_indices(step))

@@ -20,13 +20,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .data import loss_token_count, pad_batch
+from .calibration import data_subspaces
+from .batches import pad_batch
+from .data import loss_token_count
+from .loss import causal_lm_loss, chunked_loss_problem
 from .distributed import collective_device, log, on_rank0, rank, rank0_first, world_size
 from .ds_config import deepspeed_cuda_arch_list, make_client_optimizer, make_lr_scheduler, zero_stage
 from .export.convert import convert_checkpoint
 from .model import build_model, quantization_config, training_dtype
 from .plan import RunPlan, plan_run
-from .profiling import StepProfiler
+from .profiling import ModelFlops, StepProfiler, peak_tflops, squared_lengths
 from .resume import load_checkpoint_safely
 from .run_dir import ADAPTER_DIR, LOSS_CURVE_FILE, METRICS_FILE, MetricsLog, plot_losses, save_training_checkpoint, start_run_dir
 
@@ -49,7 +52,13 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
     shard = (rank(), world_size()) if train_args.clora_p_shard == "auto" and world_size() > 1 else None
     model, keep_alive = build_model(model_args.model_name_or_path, plan.clora, plan.ds_config, plan.attention, dtype,
                                     train_args.gradient_checkpointing, train_args.gradient_checkpointing_reentrant,
-                                    model_args.trust_remote_code, train_args.seed, quantization, shard)
+                                    model_args.trust_remote_code, train_args.seed, quantization, shard,
+                                    saved_subspaces=plan.calibration.saved if plan.calibration else None,
+                                    fused_lora=train_args.fused_lora, chunked_loss=train_args.chunked_loss)
+    log(model.clora.fused_lora_note or "fused LoRA projection: off (--fused_lora off); PEFT's path for every layer")
+    log("chunked loss: " + ("on (the loss from the last hidden state in chunks; never the full fp32 logits)" if model.chunked_loss
+                            else "off (--chunked_loss off)" if train_args.chunked_loss == "off"
+                            else f"off, HF's full-logits loss ({chunked_loss_problem(model)})"))
     log(f"P: {model.clora.p_nbytes / 2**20:,.1f} MiB ({model.clora.p_nbytes:,} bytes) on this rank"
         + (f" (sharded: {shard[1]} ranks hold a share of every module's k={plan.clora.k} columns each)" if shard
            else " (every rank holds all of it; --clora_p_shard auto shards it across ranks)" if world_size() > 1 else ""))
@@ -67,13 +76,18 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, config=plan.ds_config,
         lr_scheduler=None if "scheduler" in plan.ds_config else make_lr_scheduler(train_args, total_steps))
+    data_subspaces(engine, model.clora, plan.calibration, out, train_args.per_device_eval_batch_size, log)  # activations P
     start_step = 0
     if plan.start.resume is not None:
         start_step = load_checkpoint_safely(engine, plan.start.resume, rank())
         log(f"resumed from {plan.start.resume} at step {start_step}")
 
     metrics = MetricsLog(out)
-    progress = StepLog(engine, model.clora, batches, metrics, total_steps, start_step, train_args.logging_steps)
+    peak = peak_tflops(train_args.peak_tflops, dtype)
+    progress = StepLog(engine, model.clora, batches, metrics, total_steps, start_step, train_args.logging_steps,
+                       ModelFlops.of(model), peak)
+    log(f"MFU over {peak:g} TFLOP/s per GPU" if peak else "MFU: null in metrics.jsonl (no peak known for this device "
+        "and dtype; --peak_tflops gives one)")
     profiler = StepProfiler(train_args.profile_steps, out)
     evaluated: dict = {}  # step -> the metrics of the evaluation at that step (recorded in its checkpoint)
     keep = dict(best_metric=train_args.save_best_metric, protect=tuple(p for p in [plan.start.resume] if p))
@@ -81,12 +95,12 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
         for step in range(start_step, total_steps):
             profiler.before(step)
             lr = engine.get_lr()[0]  # the lr this step uses (the scheduler advances inside engine.step)
-            task_loss = train_step(engine, model.clora, batches, step)
+            task_loss = train_step(engine, model.clora, batches, step, model.chunked_loss)
             profiler.after(step)
             done = progress.step(step, task_loss, lr)
             if done == total_steps:
                 break
-            if plan.eval_examples and train_args.eval_steps and done % train_args.eval_steps == 0:
+            if plan.eval_sets and train_args.eval_steps and done % train_args.eval_steps == 0:
                 evaluated[done] = log_evaluation(engine, plan, train_args, done, metrics)
             if train_args.save_steps and done % train_args.save_steps == 0:
                 save_training_checkpoint(engine, out, done, trainer_state(plan, done, evaluated.get(done)), plan.clora,
@@ -94,7 +108,7 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
     finally:
         progress.close()  # an error message then starts on a line of its own
 
-    if plan.eval_examples:
+    if plan.eval_sets:
         evaluated[total_steps] = log_evaluation(engine, plan, train_args, total_steps, metrics)
     final = save_training_checkpoint(engine, out, total_steps, trainer_state(plan, total_steps, evaluated.get(total_steps)),
                                      plan.clora, train_args.save_total_limit, **keep)
@@ -108,44 +122,57 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
     return adapter
 
 
-def train_step(engine, clora, batches, step: int) -> float:
-    """One optimizer step over this rank's micro-batches; returns the global batch's task loss."""
+def train_step(engine, clora, batches, step: int, chunked=None) -> float:
+    """One optimizer step over this rank's micro-batches; returns the global batch's task loss. ``chunked``: the
+    model's ChunkedCausalLMLoss (--chunked_loss), else HF's loss over the full logits."""
     n_loss_tokens = batches.label_tokens(step)
     scale = batches.world * batches.accum
     step_task = torch.zeros((), dtype=torch.float64, device=engine.device)
     for batch in batches.micro_batches(step, rank()):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        out = engine(**batch, use_cache=False, num_items_in_batch=n_loss_tokens)
-        engine.backward(clora.penalty_term(out.loss * scale))
+        loss = causal_lm_loss(engine, batch, n_loss_tokens, chunked)
+        engine.backward(clora.penalty_term(loss * scale))
         engine.step()
-        step_task += out.loss.detach().double()
+        step_task += loss.detach().double()
     if dist.is_initialized():
         dist.all_reduce(step_task)
     return step_task.item()
 
 
 class StepLog:
-    """Per-step progress: the bar (rank 0) and, every logging_steps, a metrics.jsonl row and the DeepSpeed monitor."""
+    """Per-step progress: the bar (rank 0) and, every logging_steps, a metrics.jsonl row and the DeepSpeed monitor.
 
-    def __init__(self, engine, clora, batches, metrics: MetricsLog, total_steps: int, start_step: int, every: int):
+    Throughput columns: tokens_per_s (real tokens of the global batch per second), tokens_per_s_per_gpu (over the
+    world size) and mfu (``flops`` of those tokens per second per GPU over ``peak_tflops``; null without a peak)."""
+
+    def __init__(self, engine, clora, batches, metrics: MetricsLog, total_steps: int, start_step: int, every: int,
+                 flops: Optional[ModelFlops] = None, peak_tflops: Optional[float] = None):
         from tqdm import tqdm
 
         self.engine, self.clora, self.batches, self.metrics = engine, clora, batches, metrics
         self.total_steps, self.every = total_steps, every
+        self.flops, self.peak_tflops = flops, peak_tflops
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=rank() != 0, dynamic_ncols=True)
-        self.tokens, self.since = 0, time.time()
+        self.tokens, self.squared, self.since = 0, 0, time.time()
 
     def step(self, step: int, task_loss: float, lr: float) -> int:
         """Record 0-based ``step``; returns the number of steps done."""
         done = step + 1
         self.tokens += self.batches.real_tokens(step)
+        if self.flops is not None and self.peak_tflops:
+            self.squared += squared_lengths(self.batches, step)
         if done % self.every == 0 or done == self.total_steps:
             r = self.clora.total_penalty().item()  # with sharded P, summed over ranks (every rank is here)
-            row = {"step": done, "epoch": round(done / self.batches.steps_per_epoch, 4), "task_loss": task_loss,
+            seconds = max(time.time() - self.since, 1e-9)
+            per_gpu = self.tokens / seconds / self.batches.world
+            mfu = None
+            if self.flops is not None and self.peak_tflops:
+                mfu = self.flops(self.tokens, self.squared) / seconds / self.batches.world / (self.peak_tflops * 1e12)
+            row = {"step": done, "epoch": round(self.batches.epoch_at(done), 4), "task_loss": task_loss,
                    "penalty": self.clora.config.lam * r, "R": r, "lr": lr, "grad_norm": grad_norm(self.engine),
-                   "real_tokens": self.tokens, "tokens_per_s": self.tokens / max(time.time() - self.since, 1e-9),
-                   "peak_mem_gb": round(peak_memory_gb(), 3)}
-            self.tokens, self.since = 0, time.time()
+                   "real_tokens": self.tokens, "tokens_per_s": self.tokens / seconds, "tokens_per_s_per_gpu": per_gpu,
+                   "mfu": mfu, "peak_mem_gb": round(peak_memory_gb(), 3)}
+            self.tokens, self.squared, self.since = 0, 0, time.time()
             self.metrics.write(row)
             if self.engine.monitor.enabled:
                 self.engine.monitor.write_events([(f"Train/{k}", v, done) for k, v in row.items() if k != "step" and v is not None])
@@ -162,7 +189,7 @@ def trainer_state(plan: RunPlan, step: int, metrics: Optional[dict] = None) -> d
     """trainer_state.json of a checkpoint: the position in the run, the evaluation at this step (what
     --save_best_metric compares) and the run's identity (what resume compares)."""
     batches = plan.batches
-    return {"step": step, "epoch": step / batches.steps_per_epoch, "global_batch": batches.global_batch,
+    return {"step": step, "epoch": batches.epoch_at(step), "global_batch": batches.global_batch,
             "packing": batches.packed, "steps_per_epoch": batches.steps_per_epoch, "metrics": metrics or {},
             "run": plan.identity}
 
@@ -186,16 +213,21 @@ def evaluate(engine, examples, batch_size: int, pad_id: int) -> float:
 
 
 def log_evaluation(engine, plan: RunPlan, train_args, step: int, metrics: MetricsLog) -> dict:
-    """Eval loss, and multiple-choice accuracy by log-likelihood for a commonsense eval file; logged everywhere."""
-    row = {"eval_loss": evaluate(engine, plan.eval_examples, train_args.per_device_eval_batch_size, plan.pad_id)}
-    if plan.eval_choice:
-        from .evaluation.choice import multiple_choice_accuracy
+    """Each eval set's loss, and multiple-choice accuracy by log-likelihood for a commonsense set, under the set's
+    keys (eval_loss / eval_accuracy for a bare --eval_file, eval_SET_loss / eval_SET_accuracy for SET=SOURCE);
+    logged everywhere: one metrics.jsonl row, the log line, the DeepSpeed monitor."""
+    row = {}
+    for ev in plan.eval_sets:
+        loss_key, *accuracy_key = ev.metrics
+        row[loss_key] = evaluate(engine, ev.examples, train_args.per_device_eval_batch_size, plan.pad_id)
+        if ev.choice:
+            from .evaluation.choice import multiple_choice_accuracy
 
-        engine.eval()
-        records, protocol = plan.eval_choice
-        row["eval_accuracy"] = multiple_choice_accuracy(engine, plan.tokenizer, records, protocol,
-                                                        train_args.per_device_eval_batch_size, engine.device).accuracy
-        engine.train()
+            engine.eval()
+            records, protocol = ev.choice
+            row[accuracy_key[0]] = multiple_choice_accuracy(engine, plan.tokenizer, records, protocol,
+                                                            train_args.per_device_eval_batch_size, engine.device).accuracy
+            engine.train()
     log(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items()))
     metrics.write({"step": step, **row})
     if engine.monitor.enabled:

@@ -2,7 +2,7 @@
 
 A checkpoint's trainer_state.json holds the run's identity: the CLoRA and LoRA settings (P is a function of them),
 the base model's architecture, a fingerprint of the tokenized training data (the sample order means something only
-for the same data), the global batch, packing, world size, precision and the optimizer schedule. A resume is refused,
+for the same data; for a mixture also each source's and the weights, so that the message names what changed), the global batch, packing, world size, precision and the optimizer schedule. A resume is refused,
 with one message naming each difference, when any of these differ; nothing is loaded or written then. Logging,
 saving, evaluation, checkpointing and attention settings may change freely.
 
@@ -36,8 +36,9 @@ def run_identity(*, hf_config, clora: CLoRAConfig, model_path: str, data: dict, 
 
 
 def _flag(field_name: str) -> str:
-    flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(CLoRAConfig)}
-    return f"--{flags[field_name]}"
+    """The flag a CLoRAConfig field comes from; a recorded field (no flag, e.g. p_fingerprint) by its label."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(CLoRAConfig)}[field_name]
+    return f"--{meta['flag']}" if meta["flag"] else meta["label"]
 
 
 def identity_differences(saved: dict, now: dict) -> List[str]:
@@ -59,7 +60,9 @@ def identity_differences(saved: dict, now: dict) -> List[str]:
     for key in ("packing", "max_seq_length", "dataset_format", "train_on_prompt"):
         if key in data_a:
             diff(f"--{key}", data_a[key], data_b.get(key))
-    if "fingerprint" in data_a and data_a["fingerprint"] != data_b.get("fingerprint"):
+    named = _mixture_differences(data_a, data_b)
+    out += named
+    if not named and "fingerprint" in data_a and data_a["fingerprint"] != data_b.get("fingerprint"):
         out.append(f"--train_file: the tokenized training data differ (checkpoint: {data_a.get('train_file')}, "
                    f"{data_a.get('units')} units; now: {data_b.get('train_file')}, {data_b.get('units')} units), so the "
                    "saved position in the sample order means nothing here")
@@ -71,6 +74,37 @@ def identity_differences(saved: dict, now: dict) -> List[str]:
         if key in saved.get("optimizer", {}):
             diff(f"--{key}" if not key.startswith("deepspeed") else f"{key} of the DeepSpeed config",
                  saved["optimizer"][key], value)
+    return out
+
+
+def _mixture_differences(data_a: dict, data_b: dict) -> List[str]:
+    """What differs in a mixture's sources (each one's tokenized content, by fingerprint) and weights; a run with
+    one source records none of them (its fingerprint is the source's)."""
+    def sources(data):
+        return data.get("sources") or [{"source": data.get("train_file"), "examples": data.get("units"),
+                                        "fingerprint": data.get("fingerprint")}]
+
+    def weights(data):
+        w = data.get("weights")
+        return "none (each source in proportion to its size)" if w is None else ",".join(f"{x:.6g}" for x in w)
+
+    if "sources" not in data_a and "sources" not in data_b:
+        return []
+    out = []
+    a, b = sources(data_a), sources(data_b)
+    if len(a) != len(b):
+        out.append(f"--train_file: {len(a)} source{'s' * (len(a) != 1)} in the checkpoint "
+                   f"({', '.join(str(s['source']) for s in a)}), {len(b)} now ({', '.join(str(s['source']) for s in b)})")
+    else:
+        for i, (sa, sb) in enumerate(zip(a, b), 1):
+            if sa["fingerprint"] != sb["fingerprint"]:
+                out.append(f"--train_file source {i}: its tokenized data differ (checkpoint: {sa['source']}, "
+                           f"{sa['examples']} examples; now: {sb['source']}, {sb['examples']} examples)")
+    if weights(data_a) != weights(data_b):
+        out.append(f"--train_weights: {weights(data_a)} in the checkpoint, {weights(data_b)} now")
+    if not out and data_a.get("fingerprint") != data_b.get("fingerprint"):  # same sources and weights, other rows
+        out.append("--train_file: the same sources and weights give other training units (the packing changed?), so "
+                   "the saved position in the sample order means nothing here")
     return out
 
 

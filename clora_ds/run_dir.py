@@ -5,7 +5,9 @@
     OUT/loss_curve.png          drawn from metrics.jsonl at the end
     OUT/checkpoint-STEP/        DeepSpeed's shards of the trainable weights and optimizer (frozen weights excluded),
                                 trainer_state.json, rng_state_RANK.pt, clora_config.json, train_config.json, and
-                                COMPLETE, written last, after every rank's files are on disk
+                                COMPLETE, written last, after every rank's files are on disk; with data-derived P
+                                (--clora_p_init activations) also clora_subspaces.safetensors, a link to OUT's
+    OUT/clora_subspaces.safetensors   data-derived P, whole, written once after the calibration pass
     OUT/adapter/                the final PEFT adapter (the final checkpoint, converted)
 
 Nothing here writes before ``start_run_dir``: ``inspect_output_dir`` only looks (and probes that it could write).
@@ -30,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .config import CLORA_SUBSPACES_NAME
 from .distributed import barrier, gather_texts, log, on_rank0, rank
 from .errors import CheckpointError, ConfigError
 
@@ -41,10 +44,23 @@ LOSS_CURVE_FILE = "loss_curve.png"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RNG_FILE = "rng_state_{rank}.pt"
-RUN_ARTIFACTS = (METRICS_FILE, TRAIN_CONFIG_FILE, ADAPTER_DIR, LOSS_CURVE_FILE, "profile", "monitor", "peft_adapter",
-                 "zero_to_fp32.py", "zero_to_torch.py")  # the last two: DeepSpeed's recovery scripts, copied on save
+RUN_ARTIFACTS = (METRICS_FILE, TRAIN_CONFIG_FILE, ADAPTER_DIR, LOSS_CURVE_FILE, CLORA_SUBSPACES_NAME, "profile", "monitor",
+                 "peft_adapter", "zero_to_fp32.py", "zero_to_torch.py")  # the last two: DeepSpeed's recovery scripts, copied on save
 DELETING_PREFIX = ".deleting-"
-BEST_METRICS = {"eval_loss": min, "eval_accuracy": max}  # --save_best_metric -> which value is best
+BEST_METRICS = {"loss": min, "accuracy": max}  # an eval metric's kind -> which value is best (--save_best_metric)
+EVAL_METRIC_RE = re.compile(r"^eval_(?:(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)_)?(?P<kind>loss|accuracy)$")
+
+
+def eval_metric(name: Optional[str], kind: str) -> str:
+    """The key of an eval set's metric: eval_loss / eval_accuracy for a bare --eval_file, eval_NAME_loss /
+    eval_NAME_accuracy for a named set (NAME=SOURCE)."""
+    return f"eval_{name}_{kind}" if name else f"eval_{kind}"
+
+
+def best_metric_direction(metric: str):
+    """min or max: which value of an eval metric (``eval_metric``'s keys) is best; None when it is not one."""
+    m = EVAL_METRIC_RE.match(metric or "")
+    return BEST_METRICS[m.group("kind")] if m else None
 
 
 def list_checkpoints(output_dir: Path, complete_only: bool = True) -> List[Tuple[int, Path]]:
@@ -110,7 +126,7 @@ def read_metrics(path: Path) -> Dict[Tuple[int, str], dict]:
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int):
-                rows[(row["step"], "eval" if "eval_loss" in row else "train")] = row
+                rows[(row["step"], "eval" if any(EVAL_METRIC_RE.match(k) for k in row) else "train")] = row
     return rows
 
 
@@ -145,8 +161,8 @@ class MetricsLog:
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Dict[str, Tuple[List[int], List[float]]]:
-    """Task loss, task + λ·R and eval loss per step, from ``read_metrics`` (each step once, cut lines skipped);
-    returns what it drew: label -> (steps, values)."""
+    """Task loss, task + λ·R and each eval set's loss per step, from ``read_metrics`` (each step once, cut lines
+    skipped); returns what it drew: label -> (steps, values) ("eval loss", "eval NAME loss")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,11 +174,13 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Dict[str, Tuple[List[int],
     steps = [r["step"] for r in train_rows]
     series = {"task loss": (steps, [r["task_loss"] for r in train_rows]),
               "task + λ·R": (steps, [r["task_loss"] + r.get("penalty", 0.0) for r in train_rows])}
-    if eval_rows:
-        series["eval loss"] = ([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows])
+    loss_keys = sorted({k for r in eval_rows for k in r if k.endswith("_loss") and EVAL_METRIC_RE.match(k)})
+    for key in loss_keys:
+        have = [r for r in eval_rows if key in r]
+        series[key.replace("_", " ")] = ([r["step"] for r in have], [r[key] for r in have])
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, (x, y) in series.items():
-        ax.plot(x, y, "o-" if label == "eval loss" else "-", label=label, alpha=0.7 if "R" in label else 1.0)
+        ax.plot(x, y, "o-" if label.startswith("eval") else "-", label=label, alpha=0.7 if "R" in label else 1.0)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -340,7 +358,7 @@ def retained_checkpoints(output_dir: Path, limit: Optional[int], best_metric: Op
         scored = [(read_trainer_state(p).get("metrics", {}).get(best_metric), s, p) for s, p in done]
         scored = [(v, s, p) for v, s, p in scored if isinstance(v, (int, float))]
         if scored:
-            pick = BEST_METRICS[best_metric]
+            pick = best_metric_direction(best_metric)
             best = pick(scored, key=lambda t: (t[0], t[1] if pick is max else -t[1]))  # ties: the newest
             keep.append(best[2])
     keep += [p for p in protect if p in {q for _, q in done}]
@@ -378,6 +396,11 @@ def save_training_checkpoint(engine, output_dir: Path, step: int, state: dict, c
             if rank() == 0:
                 (ckpt / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
                 clora.save(ckpt)
+                saved_p = getattr(getattr(engine, "module", engine), "clora", None)
+                if saved_p is not None and saved_p.subspaces_file is not None:  # data-derived P: whole, linked
+                    from .subspace import place_subspaces_file
+
+                    place_subspaces_file(saved_p.subspaces_file, ckpt)
                 if (output_dir / TRAIN_CONFIG_FILE).is_file():  # a checkpoint describes itself (base, data, dtype)
                     shutil.copyfile(output_dir / TRAIN_CONFIG_FILE, ckpt / TRAIN_CONFIG_FILE)
         except Exception as err:

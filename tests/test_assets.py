@@ -83,6 +83,26 @@ def smollm2():
 
 
 @pytest.mark.slow
+def test_smollm2_chat_records_are_its_templates_ids_and_learn_only_the_assistant_turns(smollm2):
+    """SmolLM2-Instruct's ChatML with its real tokenizer: multi-turn records (with a system prompt, and without one,
+    where the template writes its own) are exactly apply_chat_template's ids; the loss is on each assistant turn and
+    its <|im_end|>, not on the newline after it."""
+    from transformers import AutoTokenizer
+
+    from clora_ds.data import tokenize_records
+    from test_chat_data import assert_token_exact, chat_records
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2))
+    records = chat_records()[:12] + [{"messages": r["messages"][1:]} for r in chat_records()[12:18]]
+    assert_token_exact(tok, records, lambda content: content + "<|im_end|>")
+    hello = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    ex = tokenize_records([{"messages": hello}], "hello.jsonl", tok, "auto", 1024).examples[0]
+    text = tok.decode(ex["input_ids"])  # the issue's example: no second <|im_start|> in front, no <|im_end|> after
+    assert text == tok.apply_chat_template(hello, tokenize=False) and text.startswith("<|im_start|>system\n")
+    assert text.count("<|im_start|>") == 3 and text.endswith("<|im_start|>assistant\nHello!<|im_end|>\n")
+
+
+@pytest.mark.slow
 def test_converted_smollm2_reproduces_the_gguf_models_logits(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clora_ds.attention import PACKED_SDPA, PAD_SLACK, SHORT, plan_segments, sequence_lengths
-from clora_ds.data import collate_packed
+from clora_ds.batches import collate_packed
 
 
 def _rows(lengths, vocab, seed=0):

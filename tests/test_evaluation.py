@@ -189,7 +189,8 @@ def train_fact_adapter(model_dir, tok, records, out, lam, steps=40, seed=0):
     import random
 
     from clora_ds import CLoRAConfig, attach_clora, save_clora_adapter
-    from clora_ds.data import alpaca_prompt, pad_batch, tokenize_example
+    from clora_ds.batches import pad_batch
+    from clora_ds.data import alpaca_prompt, tokenize_example
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)

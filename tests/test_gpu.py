@@ -50,7 +50,7 @@ def _tiny_llama_pair():
 
 
 def _packed_batch(lengths, vocab=97, seed=0):
-    from clora_ds.data import collate_packed
+    from clora_ds.batches import collate_packed
 
     g = torch.Generator().manual_seed(seed)
     rows = [[{"input_ids": torch.randint(0, vocab, (n,), generator=g).tolist(), "labels": [-100] * n} for n in row]

@@ -174,7 +174,8 @@ def test_packed_training_per_sequence_sdpa_matches_dense_mask(tiny_model_dir, tm
 def test_packed_batch_has_the_same_per_example_loss(tiny_model_dir, attn):
     from transformers import AutoModelForCausalLM, LlamaTokenizer
 
-    from clora_ds.data import alpaca_prompt, collate_packed, pad_batch, tokenize_example
+    from clora_ds.batches import collate_packed, pad_batch
+    from clora_ds.data import alpaca_prompt, tokenize_example
 
     tok = LlamaTokenizer.from_pretrained(str(tiny_model_dir))
     import clora_ds.attention  # noqa: F401  (registers clora_packed_sdpa)
