@@ -3,7 +3,7 @@
           x ──► W (frozen) ─────────────┐
           │                             (+) ──► y = W x + (α/r)·B A x
           └──► A [r, in] ──► B [out, r] ┘
-    R = Σ ½‖A P_in‖² + ½‖Bᵀ P_out‖²   (P fixed, orthonormal columns, never saved)
+    R = Σ ½‖A P_in‖² + ½‖Bᵀ P_out‖²   (P fixed, orthonormal columns; saved only when data-derived)
 
     model = attach_clora(hf_model, CLoRAConfig(r=8, k=64, lam=1.0))
     out = model(**batch)
@@ -22,11 +22,12 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .config import CLoRAConfig
+from .config import DATA_INITS, CLoRAConfig
 from .errors import CLoRAConfigError
 from .export.peft_writer import TrainingRecord, export_peft_adapter
+from .fused_lora import FUSED_LORA_CHOICES, fuse_lora_layers, fused_lora_note
 from .penalty import PenaltyAnchor, PenaltyScale, PenaltyTap, SubspacePenalty
-from .subspace import ModuleSubspace, build_module_subspaces, orthogonal_subspaces, subspace_nbytes
+from .subspace import ModuleSubspace, build_module_subspaces, load_subspaces, orthogonal_subspaces, subspace_nbytes
 
 PEFT_PREFIX = "base_model.model."
 
@@ -121,14 +122,20 @@ class CLoRARegularizer:
     logged R is summed over ranks (``total_penalty``).
     """
 
-    def __init__(self, config: CLoRAConfig, subspaces: Dict[str, ModuleSubspace], adapter_name: str, shard_world: int = 1):
+    def __init__(self, config: CLoRAConfig, subspaces: Dict[str, ModuleSubspace], adapter_name: str, shard_world: int = 1,
+                 shard_rank: int = 0, pending: bool = False):
         self.config = config
         self.subspaces = subspaces
         self.adapter_name = adapter_name
-        self.shard_world = shard_world
+        self.shard_world, self.shard_rank = shard_world, shard_rank
+        # data-derived P not computed yet (zeros of its final shape, so its memory is taken, and logged, up front):
+        # ``clora_ds.calibration.calibrate_subspaces`` fills it; a training forward before that is refused
+        self.pending = pending
+        self.subspaces_file: Optional[Path] = None  # where the whole data-derived P is saved (None: seeded P)
         self.expected = 2 * len(subspaces)
         self.scale = PenaltyScale(config.lam * shard_world)
         self.last_penalty: Optional[torch.Tensor] = None
+        self.fused_lora_note: Optional[str] = None  # attach_clora(fused_lora="auto"): which layers run fused
         self._handles: list = []
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -136,19 +143,42 @@ class CLoRARegularizer:
         self.scale = PenaltyScale(self.config.lam * self.shard_world)
 
     def _make_hook(self, name: str, side: str, numel: int):
+        penalize = self._side_penalty(name, side, numel)
+
+        def hook(module, inputs, output):
+            return penalize(module.weight, output, module.training)
+
+        return hook
+
+    def fused_penalty(self, name: str, numel_a: int, numel_b: int):
+        """(A, B, y, training) -> y: both penalties of module ``name`` for a fused LoRA forward (fused_lora.py), which
+        calls neither lora_A nor lora_B; taken where the fused layer has them gathered, tapped onto its output."""
+        side_a, side_b = self._side_penalty(name, "A", numel_a), self._side_penalty(name, "B", numel_b)
+
+        def penalize(a_weight, b_weight, output, training):
+            return side_b(b_weight, side_a(a_weight, output, training), training)
+
+        return penalize
+
+    def _side_penalty(self, name: str, side: str, numel: int):
+        """(weight, output, training) -> output: evaluate the penalty of ``name``'s lora_{side} once per forward and
+        tap its gradient onto ``output`` (the output of the module that holds the weight gathered)."""
         subspace = self.subspaces[name]
         where = f"{name}.lora_{side}"
 
-        def hook(module, inputs, output):
-            if not module.training:
-                return None
+        def penalize(weight, output, training):
+            if not training:
+                return output
+            if self.pending:
+                raise RuntimeError(f"CLoRA: P (p_init={self.config.p_init}) has not been computed: run "
+                                   "clora_ds.calibration.calibrate_subspaces (or pass saved_subspaces to attach_clora) "
+                                   "before training")
             scale = self.scale
-            weight = module.weight
             # A tap is needed once per forward: in the forward itself, or (reentrant checkpointing, whose
             # forward runs without grad) in the recompute. A non-reentrant recompute finds it already made.
             tap = torch.is_grad_enabled() and scale.lam > 0 and weight.requires_grad and where not in scale.tapped
             if not (scale.collecting or tap):
-                return None
+                return output
             if weight.numel() != numel:
                 raise RuntimeError(
                     f"CLoRA: {where}.weight has {weight.numel()} elements inside its forward, expected {numel}: "
@@ -168,9 +198,9 @@ class CLoRARegularizer:
             if tap:
                 scale.tapped.add(where)
                 return PenaltyTap.apply(output, r, scale, where)
-            return None
+            return output
 
-        return hook
+        return penalize
 
     def register(self, peft_model: torch.nn.Module) -> None:
         base = peft_model.get_base_model()
@@ -220,6 +250,20 @@ class CLoRARegularizer:
         dist.all_reduce(total)
         return total
 
+    def install_subspaces(self, mine: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set every module's P to this rank's columns of the computed P (module -> (P_in [in, c], P_out [out, c]),
+        c = the ``shard_columns`` count; all k unsharded), and let training start."""
+        if set(mine) != set(self.subspaces):
+            raise ValueError(f"install_subspaces: got P for {len(mine)} modules, the regularizer has {len(self.subspaces)}")
+        for name, (p_in, p_out) in mine.items():
+            sub = self.subspaces[name]
+            if p_in.shape != sub.p_in.shape or p_out.shape != sub.p_out.shape:
+                raise ValueError(f"install_subspaces: {name} P is {tuple(p_in.shape)}/{tuple(p_out.shape)}, this rank "
+                                 f"holds {tuple(sub.p_in.shape)}/{tuple(sub.p_out.shape)}")
+            sub.p_in = p_in.to(sub.p_in.device, sub.p_in.dtype)
+            sub.p_out = p_out.to(sub.p_out.device, sub.p_out.dtype)
+        self.pending = False
+
     @property
     def p_nbytes(self) -> int:
         """Bytes of P held by this rank (its share, with sharded P)."""
@@ -240,6 +284,8 @@ def attach_clora(
     subspace_device: Optional[Union[str, torch.device]] = None,
     subspace_threads: Optional[int] = None,
     shard: Optional[Tuple[int, int]] = None,
+    fused_lora: str = "off",
+    saved_subspaces: Optional[Union[str, Path]] = None,
 ):
     """Wrap ``model`` in a PEFT LoRA model (``peft.get_peft_model``) and attach the CLoRA regularizer.
 
@@ -249,9 +295,17 @@ def attach_clora(
     ``subspace_threads`` draw the seeded Gaussians of orthogonal P (default: this rank's share of the cores).
     ``shard=(rank, world)``: keep only this rank's share of each module's P columns (``shard_columns``); every rank
     builds each module's full P (one module at a time: the same numbers as unsharded) and keeps its columns.
+    Data-derived P (``activations``) is read from ``saved_subspaces`` (a CLORA_SUBSPACES_NAME file, or the checkpoint
+    or adapter directory holding it; each rank reads only its columns) or, without it, left to compute:
+    ``clora_ds.calibration.calibrate_subspaces`` before training.
+    ``fused_lora="auto"``: every LoRA layer that can (LoRA dropout 0, a plain nn.Linear base: ``fused_lora_problem``)
+    runs as one fused autograd Function with its penalty taken inside (fused_lora.py); ``model.clora.fused_lora_note``
+    says which; "off": PEFT's forward everywhere.
     """
     from peft import get_peft_model
 
+    if fused_lora not in FUSED_LORA_CHOICES:
+        raise CLoRAConfigError(f"fused_lora={fused_lora!r}: choose {' or '.join(FUSED_LORA_CHOICES)}")
     targets = resolve_target_modules(model, config)
     peft_model = get_peft_model(model, config.peft_lora_config(targets), adapter_name=adapter_name)
 
@@ -262,10 +316,19 @@ def attach_clora(
     columns = shard_columns(config.k, rank, world)
     keep = (lambda p: p) if world == 1 else (lambda p: p[:, columns].contiguous())  # a copy: the full P is freed
     subspaces = {}
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+    pending = config.p_init in DATA_INITS and saved_subspaces is None
     if config.p_init == "orthogonal":
-        shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
         for name, p_in, p_out in orthogonal_subspaces(shapes, config, device, subspace_threads):
             subspaces[name] = ModuleSubspace(name, keep(p_in), keep(p_out))
+    elif config.p_init in DATA_INITS and not pending:
+        for name, (p_in, p_out) in load_subspaces(saved_subspaces, shapes, config, None if world == 1 else columns).items():
+            subspaces[name] = ModuleSubspace(name, p_in, p_out)
+    elif pending:
+        n_columns = columns.stop - columns.start
+        for name, (out_f, in_f) in shapes.items():
+            subspaces[name] = ModuleSubspace(name, torch.zeros(in_f, n_columns, dtype=config.torch_p_dtype),
+                                             torch.zeros(out_f, n_columns, dtype=config.torch_p_dtype))
     else:
         for name, layer in layers.items():
             base_layer = layer.get_base_layer()
@@ -274,8 +337,18 @@ def attach_clora(
                                                      weight=dequantized_weight(base_layer), device=device)
             subspaces[name] = ModuleSubspace(name, keep(p_in), keep(p_out))
 
-    regularizer = CLoRARegularizer(config, subspaces, adapter_name, shard_world=world)
+    regularizer = CLoRARegularizer(config, subspaces, adapter_name, shard_world=world, shard_rank=rank, pending=pending)
+    if saved_subspaces is not None and config.p_init in DATA_INITS:
+        from .subspace import subspaces_path
+
+        regularizer.subspaces_file = subspaces_path(saved_subspaces)
     regularizer.register(peft_model)
+    if fused_lora == "auto":
+        numel = lambda lin: lin.in_features * lin.out_features  # noqa: E731 (read from attributes: valid under ZeRO-3)
+        penalties = {name: regularizer.fused_penalty(name, numel(layer.lora_A[adapter_name]), numel(layer.lora_B[adapter_name]))
+                     for name, layer in layers.items()}
+        kept = fuse_lora_layers(layers, adapter_name, penalties)
+        regularizer.fused_lora_note = fused_lora_note(len(layers), kept)
     peft_model.clora = regularizer
     return peft_model
 
@@ -317,7 +390,7 @@ def save_clora_adapter(model: torch.nn.Module, output_dir: Union[str, Path], ove
     if _rank() == 0:
         base = peft_model.peft_config[peft_model.clora.adapter_name].base_model_name_or_path
         export_peft_adapter(output_dir, state, peft_model.clora.config, TrainingRecord(base_model=base, source="a live model"),
-                            overwrite=overwrite)
+                            overwrite=overwrite, subspaces_file=peft_model.clora.subspaces_file)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return Path(output_dir)

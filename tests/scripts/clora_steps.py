@@ -4,7 +4,7 @@
     deepspeed --num_gpus 2 tests/scripts/clora_steps.py --backend deepspeed --zero_stage 3 ...
 
 RUNS.json is a list of {"name", "micro_batch", "grad_accum", "checkpointing": none|reentrant|nonreentrant,
-"lam", "k", "lr", "steps", "p_shard" (each rank keeps its share of P's columns)}. Every run sees the same global batches (global batch = world · micro · accum
+"lam", "k", "lr", "steps", "p_shard" (each rank keeps its share of P's columns), "fused_lora" (auto | off), "chunked_loss" (true: the chunked loss, deepspeed backend)}. Every run sees the same global batches (global batch = world · micro · accum
 rows of one fixed token tensor), so every backend and layout should reach the same numbers. Rank 0
 writes O/NAME.json (losses, penalties) and O/NAME.safetensors (gathered LoRA weights); runs with
 "save_adapter" also write the PEFT adapter to O/NAME-adapter.
@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from clora_ds import CLoRAConfig, attach_clora
 from clora_ds.adapter import lora_state_dict, save_clora_adapter
+from clora_ds.loss import ChunkedCausalLMLoss, causal_lm_loss
 
 SEQ_LEN = 24
 GLOBAL_BATCH = 4
@@ -38,7 +39,13 @@ def build(args, run, ds_config=None):
     cfg = CLoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=run.get("targets", "all-linear"),
                       k=run.get("k", 6), lam=run.get("lam", 1.0), p_init=run.get("p_init", "orthogonal"), seed=3)
     shard = (dist.get_rank(), dist.get_world_size()) if run.get("p_shard") and dist.is_initialized() else None
-    model = attach_clora(model, cfg, shard=shard)
+    model = attach_clora(model, cfg, shard=shard, fused_lora=run.get("fused_lora", "off"))
+    # how often a lora_A / lora_B module runs: a fused projection (fused_lora auto) calls neither
+    model.lora_module_calls = [0]
+    model.chunked = ChunkedCausalLMLoss.install(model) if run.get("chunked_loss") else None
+    for name, module in model.named_modules():
+        if name.endswith((".lora_A.default", ".lora_B.default")):
+            module.register_forward_hook(lambda *_: model.lora_module_calls.__setitem__(0, model.lora_module_calls[0] + 1))
     if run["checkpointing"] != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": run["checkpointing"] == "reentrant"})
         model.enable_input_require_grads()
@@ -111,11 +118,11 @@ def run_deepspeed(args, run):
         for j in range(accum):
             start = (j * world + rank) * micro
             ids = data[step, start:start + micro]
-            out = engine(input_ids=ids, labels=ids)
-            loss = engine.module.clora.penalty_term(out.loss)
+            task = causal_lm_loss(engine, {"input_ids": ids, "labels": ids}, None, engine.module.chunked)
+            loss = engine.module.clora.penalty_term(task)
             engine.backward(loss)
             engine.step()
-            step_loss += out.loss.detach() / accum
+            step_loss += task.detach() / accum
         losses.append(mean_over_ranks(step_loss))
         penalties.append(engine.module.clora.total_penalty().item())
     del hf_ds
@@ -152,7 +159,9 @@ def main():
                 torch.save({"input_ids": probe, "logits": logits.cpu()}, out / f"{run['name']}-probe.pt")
         if not dist.is_initialized() or dist.get_rank() == 0:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"{run['name']}.safetensors"))
-            (out / f"{run['name']}.json").write_text(json.dumps({"losses": losses, "penalties": penalties}))
+            calls = (model.module if hasattr(model, "module") else model).lora_module_calls[0]
+            (out / f"{run['name']}.json").write_text(json.dumps({"losses": losses, "penalties": penalties,
+                                                                  "lora_module_calls": calls}))
         print(f"[clora_steps] {args.backend} zero={args.zero_stage} {run['name']}: losses={losses} penalties={penalties}", flush=True)
         if hasattr(model, "destroy"):
             model.destroy()  # release ZeRO-3 hooks and buffers before the next engine
