@@ -14,16 +14,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import CLoRAConfigError
 
-P_INITS = ("orthogonal", "svd_major", "svd_minor")
+P_INITS = ("orthogonal", "svd_major", "svd_minor", "activations")
+DATA_INITS = ("activations",)  # P derived from data: not a function of the seed, so saved (CLORA_SUBSPACES_NAME)
 P_DTYPES = ("float32", "bfloat16", "float16", "float64")
 CLORA_CONFIG_NAME = "clora_config.json"
+CLORA_SUBSPACES_NAME = "clora_subspaces.safetensors"  # data-derived P, whole: "{module}.p_in" [in, k], "{module}.p_out" [out, k]
+MIN_TOKENS_PER_K = 4  # calibration tokens per column of P below which the covariance's top-k is a noisy estimate
 LLAMA_TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 
-__all__ = ["CLoRAConfig", "CLoRAConfigError", "CLORA_CONFIG_NAME", "P_INITS", "P_DTYPES", "clora_flags"]
+__all__ = ["CLoRAConfig", "CLoRAConfigError", "CLORA_CONFIG_NAME", "CLORA_SUBSPACES_NAME", "DATA_INITS", "P_INITS", "P_DTYPES",
+           "clora_flags"]
 
 
 @dataclass
@@ -44,12 +48,29 @@ class CLoRAConfig:
     p_init: str = field(
         default="orthogonal",
         metadata={"flag": "clora_p_init", "help": "How P is built: 'orthogonal' (random Haar, the paper's default), 'svd_major' / "
-                  "'svd_minor' (top / bottom-k singular vectors of the frozen W)."},
+                  "'svd_minor' (top / bottom-k singular vectors of the frozen W), 'activations' (top-k eigenvectors of the "
+                  "second moment E[x xᵀ] of each module's inputs, and of its frozen outputs W·x, over --clora_p_tokens tokens "
+                  "of --clora_p_data; saved as clora_subspaces.safetensors with every checkpoint and the adapter)."},
     )
     seed: int = field(default=0, metadata={"flag": "seed", "help": "Seed of the subspaces; P is a pure function of (seed, module "
                                            "name, shape, k, p_init)."})
     p_dtype: str = field(default="float32", metadata={"flag": "clora_p_dtype", "help": "Storage dtype of P: float32, bfloat16, "
                                                       "float16 or float64."})
+    p_data: Optional[str] = field(
+        default=None,
+        metadata={"flag": "clora_p_data", "help": "Calibration data of --clora_p_init activations: a file in any training format "
+                  "(.json, .jsonl, .parquet, .txt; general text, not the task), tokenized as for training and concatenated "
+                  "into rows of --max_seq_length tokens. Read once, at the start of a run (a resume uses the saved P)."},
+    )
+    p_tokens: int = field(default=131072, metadata={"flag": "clora_p_tokens", "help": "Calibration tokens for --clora_p_init "
+                                                    "activations: the first N tokens of --clora_p_data (all of it when it "
+                                                    f"has fewer); at least --clora_k, and >= {MIN_TOKENS_PER_K}·k for a "
+                                                    "stable estimate."})
+    p_fingerprint: Optional[str] = field(
+        default=None,
+        metadata={"flag": None, "label": "--clora_p_data (the calibration tokens' fingerprint)",
+                  "help": "sha256 of the calibration token ids P was computed from (recorded by the launcher, not a flag)."},
+    )
 
     def __post_init__(self):
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
@@ -82,6 +103,19 @@ class CLoRAConfig:
         for name, choices in (("p_init", P_INITS), ("p_dtype", P_DTYPES)):
             if values.get(name) not in choices:
                 out.append((name, f"{values.get(name)!r} is not one of {', '.join(choices)}"))
+        positive_int("p_tokens")
+        data, init = values.get("p_data"), values.get("p_init")
+        if init in DATA_INITS and not data:
+            out.append(("p_data", f"is needed by p_init {init}: give a calibration file of general text (any training "
+                                  "format, e.g. a .txt file)"))
+        elif data and init not in DATA_INITS:
+            out.append(("p_data", f"is read only by p_init {' or '.join(DATA_INITS)}, and p_init is {init!r}; drop it or "
+                                  f"set p_init to {DATA_INITS[0]}"))
+        tokens, k = values.get("p_tokens"), values.get("k")
+        if init in DATA_INITS and all(isinstance(v, int) and v >= 1 for v in (tokens, k)) and tokens < k:
+            out.append(("p_tokens", f"{tokens} is fewer than k={k}: the second moment of n tokens has rank <= n, so its "
+                                    f"top-k eigenvectors need at least k tokens (>= {MIN_TOKENS_PER_K * k} for a stable "
+                                    "estimate)"))
         targets = values.get("target_modules")
         if isinstance(targets, str) and targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -137,5 +171,5 @@ class CLoRAConfig:
 
 def clora_flags() -> Dict[str, dataclasses.Field]:
     """Command-line flag name -> the CLoRAConfig field it sets."""
-    return {f.metadata["flag"]: f for f in dataclasses.fields(CLoRAConfig)}
+    return {f.metadata["flag"]: f for f in dataclasses.fields(CLoRAConfig) if f.metadata["flag"]}
 

@@ -14,7 +14,7 @@ def test_defaults_are_valid_and_round_trip(tmp_path):
     "kwargs, needle",
     [
         ({"lam": -0.1}, "lam (λ) must be a finite number >= 0 (0 is plain LoRA), got -0.1"),
-        ({"p_init": "random"}, "p_init 'random' is not one of orthogonal, svd_major, svd_minor"),
+        ({"p_init": "random"}, "p_init 'random' is not one of orthogonal, svd_major, svd_minor, activations"),
         ({"p_dtype": "int8"}, "p_dtype 'int8' is not one of"),
         ({"k": 0}, "k must be a positive integer"),
         ({"r": 0}, "r must be a positive integer"),

@@ -95,7 +95,7 @@ def test_check_job_lists_every_reason_before_launch(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError) as err:
         check_job(model, data, clora, train, JobShape(nodes=1, ranks_per_node=1, tasks_per_node="1"))
     for needle in ("--clora_lambda (λ) must be a finite number >= 0", "--clora_k must be a positive integer, got 0",
-                   "--clora_p_init 'orthgonal' is not one of orthogonal, svd_major, svd_minor"):
+                   "--clora_p_init 'orthgonal' is not one of orthogonal, svd_major, svd_minor, activations"):
         assert needle in str(err.value)
     assert not (tmp_path / "new").exists()
 

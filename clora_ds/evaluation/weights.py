@@ -38,21 +38,37 @@ class AdapterFactors:
 
 def read_adapter(path: Path) -> AdapterFactors:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), checked."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    expected = "expected a PEFT adapter directory (adapter_config.json and adapter_model.safetensors)"
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; {expected}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; {expected}")
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise CheckpointError(f"{path} is not a PEFT adapter: expected adapter_config.json and adapter_model.safetensors "
-                              f"(pickled adapter_model.bin is not read)")
+    missing = [f.name for f in (config_file, weights_file) if not f.is_file()]
+    if missing:
+        pickled = (" (a pickled adapter_model.bin is not read: re-save it with safetensors)"
+                   if weights_file.name in missing and (path / "adapter_model.bin").is_file() else "")
+        raise CheckpointError(f"{path} is not a PEFT adapter: it has no {' and no '.join(missing)}{pickled}")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_file}: malformed JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object (PEFT's adapter settings), found a "
+                              f"{type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path} is a {config.get('peft_type')} adapter; only LoRA adapters are evaluated here")
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights_file} is not a readable safetensors file ({str(err).splitlines()[0]}); "
+                              "re-save the adapter (PeftModel.save_pretrained, or launch/convert_to_peft.py)") from None
     sides: Dict[str, dict] = {}
-    for key, tensor in load_file(str(weights_file)).items():
+    for key, tensor in tensors.items():
         m = ADAPTER_KEY_RE.match(key)
         if m:
             sides.setdefault(m.group("module"), {})[m.group("side")] = tensor.double()
@@ -78,10 +94,12 @@ def delta_w_norms(a: torch.Tensor, b: torch.Tensor, scale: float):
     return scale * math.sqrt(fro2.item()), scale * spec.item()
 
 
-def subspace_leakage(adapter: AdapterFactors, clora: CLoRAConfig, base_model=None):
+def subspace_leakage(adapter: AdapterFactors, clora: CLoRAConfig, base_model=None, saved_subspaces=None):
     """module -> (‖A P_in‖², ‖A‖², ‖Bᵀ P_out‖², ‖B‖²), P rebuilt from ``clora`` for each module's shape (svd_* inits
-    read the frozen W from ``base_model``)."""
-    from ..subspace import build_module_subspaces, orthogonal_subspaces
+    read the frozen W from ``base_model``); data-derived P (activations) is read from ``saved_subspaces`` (default:
+    the adapter's own clora_subspaces.safetensors)."""
+    from ..config import DATA_INITS
+    from ..subspace import build_module_subspaces, load_subspaces, orthogonal_subspaces
 
     shapes = {m: (b.shape[0], a.shape[1]) for m, (a, b) in adapter.factors.items()}
     if clora.k > min(min(s) for s in shapes.values()):
@@ -89,6 +107,8 @@ def subspace_leakage(adapter: AdapterFactors, clora: CLoRAConfig, base_model=Non
                               "clora_config.json of a run on this base model")
     if clora.p_init == "orthogonal":
         subspaces = {name: (p_in, p_out) for name, p_in, p_out in orthogonal_subspaces(shapes, clora)}
+    elif clora.p_init in DATA_INITS:
+        subspaces = load_subspaces(saved_subspaces or adapter.path, shapes, clora)
     else:
         modules = dict(base_model.named_modules())
         subspaces = {m: build_module_subspaces(m, shapes[m], clora, weight=modules[m].weight.data) for m in shapes}

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
-from ..config import CLORA_CONFIG_NAME, CLoRAConfig
+from ..config import CLORA_CONFIG_NAME, CLORA_SUBSPACES_NAME, DATA_INITS, CLoRAConfig
 from ..errors import CheckpointError, OutputExistsError, UserError
 from .merge import _lora_pairs, _stored_dtype, merge_into_base
 from .peft_writer import TrainingRecord, export_peft_adapter, read_training_record
@@ -79,6 +79,10 @@ def convert_checkpoint(checkpoint: PathLike, output_dir: PathLike, *, dtype: Opt
                               f"{tag_dir.parent / ('adapter-' + tag_dir.name.split('-')[-1])}")
     layout = inspect_checkpoint(tag_dir)
     clora = _clora_settings(tag_dir, clora_config)
+    subspaces = tag_dir / CLORA_SUBSPACES_NAME  # data-derived P: saved beside the checkpoint, copied into the adapter
+    if clora.p_init in DATA_INITS and not merge and not subspaces.is_file():
+        raise CheckpointError(f"{tag_dir} has no {CLORA_SUBSPACES_NAME}: its P (p_init={clora.p_init}) was computed from "
+                              "data and saved there, and the adapter needs it; copy the whole checkpoint directory")
     record = read_training_record(layout)
     ranks = sorted({shape[0] if ".lora_A." in n else shape[1] for n, shape in layout.lora_shapes.items()})
     if ranks != [clora.r]:
@@ -119,7 +123,8 @@ def convert_checkpoint(checkpoint: PathLike, output_dir: PathLike, *, dtype: Opt
         log(f"merging into a copy of {base}, shard by shard")
         merge_into_base(output_dir, weights, clora, base, record, overwrite, check if verify else None)
     else:
-        export_peft_adapter(output_dir, weights, clora, record, DTYPES[out_dtype], overwrite, check if verify else None)
+        export_peft_adapter(output_dir, weights, clora, record, DTYPES[out_dtype], overwrite, check if verify else None,
+                            subspaces_file=subspaces if clora.p_init in DATA_INITS else None)
     return Conversion(output_dir, tag_dir, layout, record, out_dtype, numel, merge, verification[0] if verification else None, notes)
 
 

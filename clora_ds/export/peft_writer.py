@@ -16,8 +16,8 @@ from typing import Callable, Iterator, List, Mapping, Optional, Union
 
 import torch
 
-from ..config import CLoRAConfig
-from ..errors import OutputExistsError
+from ..config import CLORA_SUBSPACES_NAME, DATA_INITS, CLoRAConfig
+from ..errors import CheckpointError, OutputExistsError
 from ..run_dir import METRICS_FILE, read_metrics, read_train_config, read_json, STATE_FILE
 from .zero_reader import LORA_PARAM_RE, CheckpointLayout
 
@@ -120,9 +120,11 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
     front += ([] if merged else ["library_name: peft"]) + ["pipeline_tag: text-generation", "tags:", "- lora", "- clora"]
     front += ([] if merged else ["- peft"]) + ["---", ""]
     what = "merged model" if merged else "adapter"
+    saved_p = (f"fixed P from the base model's activations, saved in {CLORA_SUBSPACES_NAME}" if clora.p_init in DATA_INITS
+               else "fixed P, orthonormal columns, rebuilt from clora_config.json, never saved")
     lines = [f"# CLoRA {what} for {base}", "",
              "Trained with clora_ds: LoRA plus the CLoRA subspace regularizer "
-             "R = Σ ½‖A P_in‖² + ½‖Bᵀ P_out‖² (fixed P, orthonormal columns, never saved), which keeps the update "
+             f"R = Σ ½‖A P_in‖² + ½‖Bᵀ P_out‖² ({saved_p}), which keeps the update "
              "out of a k-dimensional subspace so the model forgets less.", ""]
     if merged:
         lines += ["The update (α/r)·B·A is merged into the base weights: load it like any model,", "", "```python",
@@ -144,7 +146,9 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
     rows = [("base model", record.base_model or unknown), ("training data", record.train_file or unknown),
             ("LoRA r / α", f"{clora.r} / {clora.alpha:g} (update (α/r)·B·A, dropout {clora.dropout:g})"),
             ("target modules", _module_summary(modules)),
-            ("CLoRA k / λ", f"{clora.k} / {clora.lam:g} (P init {clora.p_init}, seed {clora.seed}; see clora_config.json)"),
+            ("CLoRA k / λ", f"{clora.k} / {clora.lam:g} (P init {clora.p_init}, "
+             + (f"{clora.p_tokens:,} tokens at most of {clora.p_data}; {CLORA_SUBSPACES_NAME}" if clora.p_init in DATA_INITS
+                else f"seed {clora.seed}") + "; see clora_config.json)"),
             ("steps", steps), ("last training loss", unknown if record.last_loss is None else f"{record.last_loss:.4f} (task loss)"),
             ("training", f"{parallel}, {record.dtype or unknown}" + (f", on a {record.quantization} base" if record.quantization else "")),
             ("weights", weights_note),
@@ -155,8 +159,10 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
 
 def export_peft_adapter(output_dir: PathLike, lora_weights: Mapping[str, torch.Tensor], clora: CLoRAConfig,
                         record: Optional[TrainingRecord] = None, dtype: Optional[torch.dtype] = None,
-                        overwrite: bool = False, check: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write a plain PEFT LoRA adapter: adapter_config.json, adapter_model.safetensors, clora_config.json, README.md.
+                        overwrite: bool = False, check: Optional[Callable[[Path], None]] = None,
+                        subspaces_file: Optional[PathLike] = None) -> Path:
+    """Write a plain PEFT LoRA adapter: adapter_config.json, adapter_model.safetensors, clora_config.json, README.md,
+    and for data-derived P (``activations``) the saved P, ``subspaces_file``, copied in as CLORA_SUBSPACES_NAME.
 
     ``lora_weights``: PeftModel parameter names (``base_model.model.<module>.lora_A.<adapter>.weight``) ->
     A [r, in] / B [out, r]. ``dtype``: of the saved tensors (default: as given). ``check(tmp_dir)`` runs on the
@@ -164,6 +170,12 @@ def export_peft_adapter(output_dir: PathLike, lora_weights: Mapping[str, torch.T
     """
     from safetensors.torch import save_file
 
+    from ..subspace import place_subspaces_file
+
+    if clora.p_init in DATA_INITS and (subspaces_file is None or not Path(subspaces_file).is_file()):
+        raise CheckpointError(f"P of p_init={clora.p_init} is data-derived and belongs with the adapter, and its "
+                              f"{CLORA_SUBSPACES_NAME} " + (f"({subspaces_file}) does not exist" if subspaces_file else
+                                                           "was not given") + "; nothing was written")
     record = record or TrainingRecord()
     parsed = {n: LORA_PARAM_RE.match(n) for n in lora_weights}
     unknown = [n for n, m in parsed.items() if m is None]
@@ -181,6 +193,8 @@ def export_peft_adapter(output_dir: PathLike, lora_weights: Mapping[str, torch.T
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         lora_config.save_pretrained(str(tmp))
         clora.save(tmp)
+        if clora.p_init in DATA_INITS:
+            place_subspaces_file(subspaces_file, tmp)
         (tmp / "README.md").write_text(model_card(record, clora, modules, f"{saved_dtype}, {numel:,} numbers in {len(tensors)} tensors"))
         if check is not None:
             check(tmp)
