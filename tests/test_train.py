@@ -161,7 +161,7 @@ def test_loss_falls(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_packed_training_per_sequence_sdpa_matches_dense_mask(tiny_model_dir, tmp_path):
     """--packing through the launcher: 2 ranks with per-sequence SDPA == 1 rank with eager's dense block mask."""
-    packed = {"packing": "true", "max_seq_length": 512}
+    packed = {"packing": "true", "max_seq_length": 256}  # the tiny model has 256 positions
     launch(tiny_model_dir, tmp_path / "eager", ranks=1, attn_implementation="eager", **packed)
     proc = launch(tiny_model_dir, tmp_path / "sdpa", ranks=2, **packed)
     assert "attention: clora_packed_sdpa" in proc.stdout and "packed 96 examples into" in proc.stdout
