@@ -7,7 +7,6 @@ SmolLM2-Instruct's ChatML with its real tokenizer is checked in tests/test_asset
 """
 import json
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -7,7 +7,6 @@ import math
 import shutil
 import subprocess
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@ under one process, ZeRO-2 and ZeRO-3 with 2 CPU ranks; resume, export, merge. bi
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ writes O/NAME.json (losses, penalties) and O/NAME.safetensors (gathered LoRA wei
 import argparse
 import gc
 import json
-import os
 from pathlib import Path
 
 import torch
