@@ -86,8 +86,11 @@ up() {
     ip -n "$ns" link set lo up
   done
 
+  # every node may run two tasks (the tests' 2-tasks-per-node job) whatever this machine reports: `nproc` obeys
+  # OMP_NUM_THREADS (1 under the test suite's children), so the hardware count is read with getconf
+  CPUS=$(getconf _NPROCESSORS_ONLN); [ "$CPUS" -ge 2 ] || CPUS=2
   sed -e "s|@STATE@|$STATE|g" -e "s|@HOST@|$(hostname -s)|g" -e "s|@CTLD_ADDR@|$CTLD_ADDR|g" \
-      -e "s|@N1_ADDR@|${ADDRS[0]}|g" -e "s|@N2_ADDR@|${ADDRS[1]}|g" -e "s|@CPUS@|$(nproc)|g" \
+      -e "s|@N1_ADDR@|${ADDRS[0]}|g" -e "s|@N2_ADDR@|${ADDRS[1]}|g" -e "s|@CPUS@|$CPUS|g" \
       "$HERE/slurm.conf.in" >"$STATE/slurm.conf"
   export SLURM_CONF="$STATE/slurm.conf"
   slurmctld -c -f "$SLURM_CONF" || die "slurmctld failed: $(tail -5 "$STATE/log/slurmctld.log" 2>/dev/null)"
