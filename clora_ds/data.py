@@ -8,6 +8,9 @@ Formats (detected from the keys of the first record when not given):
     sharegpt     conversations: [{from, value}, ...]         (read as messages; from: human|gpt|system|user|assistant)
     text         text                                       (plain text; loss on every token; also a .txt file:
                                                              one document per blank-line separated block)
+    choice       input, choices, label                      (multiple choice, BIG-bench / prepare_assets' bbh
+                                                             layout: "Q: {input}\nA:" then " " + choices[label];
+                                                             as an eval set also scored for accuracy)
 The alpaca template is the one LLM-Adapters / MiLoRA use for commonsense and math data (and so the
 CLoRA paper), so results compare with the paper's. alpaca, commonsense, metamath and text are tokenized as one
 string, [bos] text [eos]. A chat record (messages, sharegpt) is exactly what the tokenizer's chat template makes of it,
@@ -52,6 +55,7 @@ FORMATS = {  # format -> required keys (optional ones are in the module docstrin
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "text": ("text",),
+    "choice": ("input", "choices", "label"),
 }
 CHAT_FORMATS = ("messages", "sharegpt")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -64,6 +68,11 @@ FALLBACK_CHAT_TEMPLATE = (  # string expressions, not bare text: the chat templa
 )
 
 
+def choice_context(record: dict) -> str:
+    """The prompt of a choice record, lm-eval's clora_bbh_mc template (each option follows after a space)."""
+    return f"Q: {record['input']}\nA:"
+
+
 def alpaca_prompt(record: dict) -> str:
     template = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
@@ -71,7 +80,7 @@ def alpaca_prompt(record: dict) -> str:
 
 def detect_format(keys) -> Optional[str]:
     keys = set(keys)
-    for name in ("messages", "sharegpt", "metamath", "commonsense", "alpaca", "text"):  # most specific first
+    for name in ("messages", "sharegpt", "metamath", "commonsense", "alpaca", "choice", "text"):  # most specific first
         if set(FORMATS[name]) <= keys:
             return name
     return None
@@ -201,11 +210,27 @@ def _field_type_problem(rec: dict, dataset_format: str) -> Optional[str]:
 
     if dataset_format in CHAT_FORMATS:
         return _chat_problem(rec, dataset_format, show)
+    if dataset_format == "choice":
+        return _choice_problem(rec, show)
     for key in TEXT_FIELDS[dataset_format]:
         value = rec.get(key)
         if value is not None and not isinstance(value, str):
             return (f"field {key!r} is a {type(value).__name__} ({show(value)}), expected a string; quote it in the data "
                     f"(\"{key}\": \"...\")")
+    return None
+
+
+def _choice_problem(rec: dict, show) -> Optional[str]:
+    """What makes a choice record unusable (options not a list of 2+ distinct strings, label not an index), or None."""
+    choices, label = rec["choices"], rec["label"]
+    if not isinstance(rec["input"], str):
+        return f"field 'input' is a {type(rec['input']).__name__} ({show(rec['input'])}), expected a string"
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        return f"field 'choices' must be a list of two or more non-empty strings, found {show(choices)}"
+    if len(set(choices)) != len(choices):
+        return f"field 'choices' repeats an option ({show(choices)}): the gold one would be ambiguous"
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        return f"field 'label' must be the index of the gold option (0-{len(choices) - 1}), found {show(label)}"
     return None
 
 
@@ -344,6 +369,8 @@ def prompt_response_pairs(record: dict, dataset_format: str) -> List[Tuple[str, 
         return [(ALPACA_NO_INPUT.format(instruction=record["query"]), False), (record["response"], True)]
     if dataset_format == "text":
         return [(record["text"], True)]
+    if dataset_format == "choice":
+        return [(choice_context(record), False), (" " + record["choices"][record["label"]], True)]
     raise ValueError(f"{dataset_format} records are tokenized by ChatEncoder, not as text pieces")
 
 

@@ -3,6 +3,7 @@ multiple choice against lm-eval, and launch/evaluate.py end to end (1 and 2 proc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -422,3 +423,84 @@ def test_shipped_bbh_and_mmlu_pro_templates_run_offline_on_local_copies(fact_wor
     # a missing local copy is named before any model loads
     _, problems = plan_tasks(["clora_bbh"], {}, tmp_path / "nowhere")
     assert problems and "--lm_eval_data_dir DIR with DIR/bbh/" in problems[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# multiple choice with the options of a record in one row (shared context), and choice-format records
+# ---------------------------------------------------------------------------------------------------
+CHOICE_FILE = ROOT / "tests" / "data" / "choice_tiny.jsonl"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_context_scores_equal_one_row_per_option_in_float64(tiny_model_dir, attention):
+    """The options of a record scored in one row (context once, a mask hiding the other options) give the same
+    log-likelihoods as one row per option, with options of different token lengths, padding and several records
+    per batch; the shared rows hold far fewer tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clora_ds.data import read_records
+    from clora_ds.evaluation.choice import CHOICE, choice_request
+    from clora_ds.evaluation.generation import (attention_implementation, context_groups, continuation_logprobs,
+                                                encode_pair, shared_context_row)
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=attention).double().eval()
+    assert attention_implementation(model) == attention
+    requests = [choice_request(r, CHOICE) for r in read_records(str(CHOICE_FILE))]
+    pairs = [(ctx, c) for ctx, conts, _ in requests for c in conts]
+    lengths = {len(encode_pair(tok, ctx, c)[1]) for ctx, c in pairs}
+    assert len(lengths) >= 3, lengths  # options of several token lengths
+    # eager attention takes its softmax in float32 whatever the model's dtype (rows of other lengths round
+    # otherwise): relative 1e-7 there, 1e-10 under sdpa
+    close = (lambda a, b: abs(a - b) < 1e-10) if attention == "sdpa" else (lambda a, b: abs(a - b) < 1e-7 * abs(b))
+    for batch_size in (1, 3, 16):
+        shared = continuation_logprobs(model, tok, pairs, batch_size, share_context=True)
+        alone = continuation_logprobs(model, tok, pairs, batch_size, share_context=False)
+        assert all(close(a, b) for a, b in zip(shared, alone)), (batch_size, shared, alone)
+        assert all(s < 0 for s in shared)
+    # and both equal a plain forward of each pair by itself (the scorer takes the log-softmax in float32, as lm-eval)
+    for (ctx, cont), score in zip(pairs, shared):
+        c, x = encode_pair(tok, ctx, cont)
+        logp = model(input_ids=torch.tensor([c + x])).logits.float().log_softmax(-1)[0].double()
+        assert close(score, sum(logp[len(c) - 1 + t, x[t]].item() for t in range(len(x))))
+    encoded = [encode_pair(tok, ctx, c) for ctx, c in pairs]
+    groups = context_groups(encoded)
+    assert [len(g) for g in groups] == [len(conts) for _, conts, _ in requests]
+    one_row = sum(len(shared_context_row(encoded[g[0]][0], [encoded[i][1] for i in g])[0]) for g in groups)
+    assert one_row < 0.6 * sum(len(c) + len(x) for c, x in encoded)
+
+
+def test_choice_records_are_a_format_with_accuracy_by_log_likelihood(tiny_model_dir):
+    """{input, choices, label} records: detected, checked (bad options or label refused with the record named),
+    tokenized as "Q: input\\nA:" + " " + the gold option (loss on the option and eos), and scored: accuracy picks
+    the option of highest summed log-probability."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clora_ds.data import check_records, read_records, record_encoder
+    from clora_ds.evaluation.choice import CHOICE, choice_request, multiple_choice_accuracy
+    from clora_ds.evaluation.generation import continuation_logprobs
+    from clora_ds.plan import choice_task
+
+    records = read_records(str(CHOICE_FILE))
+    assert check_records(records, "choices", None) == "choice"
+    for bad, needle in (({"choices": ["a"]}, "two or more"), ({"choices": ["a", "a"]}, "repeats an option"),
+                        ({"label": 2}, "index of the gold option (0-1)"), ({"label": True}, "index of the gold")):
+        with pytest.raises(DataError, match=f"choices: record 2: .*{re.escape(needle)}"):
+            check_records([records[0], {**records[1], **bad}], "choices", None)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    example = record_encoder(tok, "choice", 256)(records[0])
+    gold = [t for t in example["labels"] if t != -100]
+    whole = tok("Q: Which word names a colour?\nA: red", add_special_tokens=False)["input_ids"]
+    prompt = tok("Q: Which word names a colour?\nA:", add_special_tokens=False)["input_ids"]
+    assert example["input_ids"] == [tok.bos_token_id] + whole + [tok.eos_token_id]
+    assert gold == whole[len(prompt):] + [tok.eos_token_id]
+    assert choice_task(records, "choices")[1] == CHOICE
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).double().eval()
+    result = multiple_choice_accuracy(model, tok, records, CHOICE, batch_size=2)
+    expected = []
+    for r in records:
+        ctx, conts, g = choice_request(r, CHOICE)
+        scores = continuation_logprobs(model, tok, [(ctx, c) for c in conts], share_context=False)
+        expected.append(max(range(len(conts)), key=lambda j: (scores[j], -j)))
+    assert result.predicted == expected and result.gold == [r["label"] for r in records]
+    assert result.accuracy == sum(p == g for p, g in zip(expected, result.gold)) / len(records)

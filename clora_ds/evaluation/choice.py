@@ -5,7 +5,10 @@ launcher logs during training, and the `clora_mc` lm-eval tasks ask exactly the 
 
 For a commonsense record (LLM-Adapters layout) the context is the training prompt and the continuations are its
 `output` with the gold label replaced by each label the record offers ("the correct answer is option1" /
-"... option2"), so the scored text is what the model was trained to write.
+"... option2"), so the scored text is what the model was trained to write. For a choice record ({input, choices,
+label}: BIG-bench's layout, prepare_assets' bbh files) the context is "Q: {input}\nA:" and the continuations are
+" " + each option, exactly lm-eval's clora_bbh_mc requests, so the launcher's eval_SET_accuracy is clora_bbh_mc's acc.
+The options of one record share their context: continuation_logprobs scores them in one row.
 """
 from __future__ import annotations
 
@@ -18,8 +21,16 @@ from .generation import continuation_logprobs
 from .protocols import Commonsense, Protocol, candidate_answers
 
 
-def choice_request(record: dict, protocol: Protocol) -> Tuple[str, List[str], int]:
-    """(context, continuations, index of the gold one) for one commonsense record."""
+CHOICE = "choice"  # the protocol of choice-format records (clora_ds.data's `choice` format)
+
+
+def choice_request(record: dict, protocol) -> Tuple[str, List[str], int]:
+    """(context, continuations, index of the gold one) for one commonsense record, or a choice record when
+    ``protocol`` is CHOICE."""
+    if protocol == CHOICE:
+        from ..data import choice_context
+
+        return choice_context(record), [" " + c for c in record["choices"]], int(record["label"])
     labels = candidate_answers(record, protocol)
     gold = str(record["answer"]).strip()
     output = str(record.get("output") or gold)
@@ -35,11 +46,12 @@ class ChoiceResult:
     gold: List[int]
 
 
-def multiple_choice_accuracy(model, tokenizer, records: Sequence[dict], protocol: Protocol, batch_size: int = 16,
+def multiple_choice_accuracy(model, tokenizer, records: Sequence[dict], protocol, batch_size: int = 16,
                              device: Optional[torch.device] = None) -> ChoiceResult:
-    """Accuracy of picking the gold continuation by summed log-probability; sharded over ranks, same on every rank."""
-    if not isinstance(protocol, Commonsense):
-        raise ValueError("multiple-choice accuracy needs a commonsense-format task")
+    """Accuracy of picking the gold continuation by summed log-probability (ties: the first option); sharded over
+    ranks, same on every rank. ``protocol``: a Commonsense protocol, or CHOICE for choice records."""
+    if protocol != CHOICE and not isinstance(protocol, Commonsense):
+        raise ValueError("multiple-choice accuracy needs a commonsense-format or choice-format task")
     requests = [choice_request(r, protocol) for r in records]
     pairs = [(context, c) for context, conts, _ in requests for c in conts]
     scores = continuation_logprobs(model, tokenizer, pairs, batch_size, device)

@@ -87,10 +87,66 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = True
     return bos + ctx, whole[len(ctx):]
 
 
+SHARED_CONTEXT_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+
+
+def attention_implementation(model) -> Optional[str]:
+    """The attention implementation of a (PEFT-wrapped, DeepSpeed-wrapped) transformers model, or None."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine holds the model as .module
+    config = getattr(inner, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def context_groups(encoded: Sequence[Tuple[List[int], List[int]]]) -> List[List[int]]:
+    """Indices of consecutive pairs that share their context tokens (a record's options), in order."""
+    groups: List[List[int]] = []
+    for i, (ctx, _) in enumerate(encoded):
+        if groups and encoded[groups[-1][0]][0] == ctx:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def shared_context_row(ctx: List[int], conts: Sequence[List[int]]) -> Tuple[List[int], List[int], List[int]]:
+    """One row for a context and its continuations: ids ctx + c_1 + ... + c_m, their positions (each continuation
+    starts at len(ctx), as if it alone followed the context) and segments (0: the context, j: continuation j), from
+    which a mask lets c_j see the context and its own earlier tokens only: every c_j scores as in its own row."""
+    ids, pos, seg = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+    for j, cont in enumerate(conts, 1):
+        ids += cont
+        pos += range(len(ctx), len(ctx) + len(cont))
+        seg += [j] * len(cont)
+    return ids, pos, seg
+
+
+def shared_context_mask(segments: Sequence[Sequence[int]], longest: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask [rows, 1, longest, longest]: 0 where query i may see key j (j <= i and j is context or in
+    i's own segment), the dtype's minimum elsewhere; a padding position sees itself only (no fully masked row, so no
+    NaN that a later layer's values could carry)."""
+    allowed = torch.zeros(len(segments), longest, longest, dtype=torch.bool)
+    causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+    for r, seg in enumerate(segments):
+        s = torch.tensor(seg)
+        n = len(seg)
+        same = (s[:, None] == s[None, :]) | (s[None, :] == 0)
+        allowed[r, :n, :n] = same & causal[:n, :n]
+        allowed[r, n:, n:] = torch.eye(longest - n, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], batch_size: int = 16,
-                          device: Optional[torch.device] = None) -> List[float]:
+                          device: Optional[torch.device] = None, share_context: Optional[bool] = None) -> List[float]:
     """Sum of log p(continuation | context) for each (context, continuation), sharded over ranks and gathered.
+
+    Consecutive pairs with the same context (a multiple-choice record's options) are scored in ONE row, the context
+    once and each continuation after it under a mask that hides the other continuations (shared_context_row), where
+    the model's attention takes a 4D mask (sdpa, eager; ``share_context`` None = there); the scores equal one row
+    per pair (tests/test_evaluation.py, float64) at a fraction of the tokens. Only the positions that predict a
+    continuation token go through the output layer.
 
     Every rank runs the same number of forwards (a rank short of batches repeats one and drops its scores), so
     this is safe under ZeRO-3, where every forward gathers weights from all ranks. Rows are right-padded and
@@ -99,27 +155,52 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[Tuple[str, str]], ba
     device = device or next(model.parameters()).device
     encoded = [encode_pair(tokenizer, c, x) for c, x in pairs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = length_batches([len(c) + len(x) for c, x in encoded], batch_size)
+    if share_context is None:
+        share_context = attention_implementation(model) in SHARED_CONTEXT_ATTENTION
+    groups = context_groups(encoded) if share_context else [[i] for i in range(len(encoded))]
+    rows = [shared_context_row(encoded[g[0]][0], [encoded[i][1] for i in g]) for g in groups]
+    batches = length_batches([len(ids) for ids, _, _ in rows], batch_size)
     per_rank = -(-len(batches) // world_size())
     mine_batches = batches[rank()::world_size()]
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
     mine = []
     for j in range(per_rank):
         chunk, keep = (mine_batches[j], True) if j < len(mine_batches) else (batches[0], False)
-        rows = [encoded[i][0] + encoded[i][1] for i in chunk]
-        longest = max(map(len, rows))
+        longest = max(len(rows[g][0]) for g in chunk)
         input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for r, row in enumerate(rows):
-            input_ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        positions = torch.zeros((len(chunk), longest), dtype=torch.long)
+        # (row, position predicting the token, token, pair index) for every continuation token of the batch
+        wanted = []
+        for r, g in enumerate(chunk):
+            ids, pos, seg = rows[g]
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            positions[r, :len(ids)] = torch.tensor(pos)
+            positions[r, len(ids):] = torch.arange(longest - len(ids)) + (pos[-1] + 1 if pos else 0)
+            at = len(encoded[groups[g][0]][0])
+            for i in groups[g]:
+                cont = encoded[i][1]
+                before = [at - 1 + t for t in range(len(cont))] if not share_context else \
+                    [len(encoded[i][0]) - 1] + [at + t for t in range(len(cont) - 1)]
+                wanted += [(r, b, tok, i) for b, tok in zip(before, cont)]
+                at += len(cont)
+        if share_context:
+            mask = shared_context_mask([rows[g][2] for g in chunk], longest, dtype)
+            inputs = {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
+        else:
+            mask = (torch.arange(longest)[None, :] < torch.tensor([len(rows[g][0]) for g in chunk])[:, None]).long()
+            inputs = {"attention_mask": mask.to(device)}
+        keep_at = sorted({b for _, b, _, _ in wanted})
+        column = {b: c for c, b in enumerate(keep_at)}
+        logits = model(input_ids=input_ids.to(device), use_cache=False,
+                       logits_to_keep=torch.tensor(keep_at, device=device), **inputs).logits
         if not keep:
             continue
         logp = torch.log_softmax(logits.float(), dim=-1)
-        for r, i in enumerate(chunk):
-            ctx, cont = encoded[i]
-            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=logp.device)
-            mine.append((i, logp[r, positions, torch.tensor(cont, device=logp.device)].double().sum().item()))
+        sums = {}
+        for r, b, tok, i in wanted:
+            sums[i] = sums.get(i, 0.0) + logp[r, column[b], tok].double().item()
+        mine += sorted(sums.items())
     return gather_results(mine, len(pairs))
 
 
