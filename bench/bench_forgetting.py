@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -219,6 +219,70 @@ def forgetting_verdict(clora: Interval, lora: Interval) -> str:
 
 def gain_verdict(clora: Interval, lora: Interval, task: str) -> str:
     return {-1: f"CLoRA learns {task} less", 1: f"CLoRA learns {task} more", 0: NO_DIFFERENCE}[separation(clora, lora)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# forgetting at matched gain (the Pareto comparison): each run a trajectory of (gain, forgetting) points
+# ---------------------------------------------------------------------------------------------------
+def forgetting_at_gain(trajectory: Sequence[Tuple[float, float]], gain: float) -> Optional[float]:
+    """Forgetting where a run first reaches ``gain``, linear between the evaluated points on either side;
+    ``trajectory`` is [(gain, forgetting), ...] in training order, starting with the base (0, 0). None when the run
+    never reaches that gain (no extrapolation)."""
+    for (g0, f0), (g1, f1) in zip(trajectory, trajectory[1:]):
+        if g0 <= gain <= g1 and g1 > g0:
+            return f0 + (f1 - f0) * (gain - g0) / (g1 - g0)
+        if g0 == gain:
+            return f0
+    if trajectory and trajectory[-1][0] == gain:
+        return trajectory[-1][1]
+    return None
+
+
+class MatchedGain(NamedTuple):
+    """CLoRA minus LoRA forgetting at one matched gain: the mean over paired seeds and its paired-bootstrap 95%
+    interval (None where a run of the pair never reached the gain)."""
+
+    fraction: float
+    gain: float
+    difference: Optional[float]
+    low: Optional[float]
+    high: Optional[float]
+    pairs: int
+
+
+def matched_gain_differences(clora: Dict[int, list], lora: Dict[int, list], fractions=(0.5, 0.75, 0.9),
+                             resamples: int = 10000, seed: int = 0) -> List[MatchedGain]:
+    """Forgetting of CLoRA minus LoRA at ``fractions`` of LoRA's best gain (the mean over LoRA's seeds of each
+    seed's highest gain), interpolated on each trajectory ({seed: [(gain, forgetting), ...]}). Runs are paired by
+    seed (same data order and initialisation); the interval is the 2.5-97.5% percentile of the mean difference over
+    seeds resampled with replacement (a paired bootstrap). A pair where either run never reaches the gain is left
+    out; with no pair left the difference is None."""
+    best = statistics.mean(max(g for g, _ in traj) for traj in lora.values())
+    rng = random.Random(seed)
+    out = []
+    for fraction in fractions:
+        gain = fraction * best
+        diffs = []
+        for s in sorted(set(clora) & set(lora)):
+            c, l = forgetting_at_gain(clora[s], gain), forgetting_at_gain(lora[s], gain)
+            if c is not None and l is not None:
+                diffs.append(c - l)
+        if not diffs:
+            out.append(MatchedGain(fraction, gain, None, None, None, 0))
+            continue
+        means = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(resamples))
+        out.append(MatchedGain(fraction, gain, statistics.mean(diffs), means[int(0.025 * (resamples - 1))],
+                               means[int(0.975 * (resamples - 1))], len(diffs)))
+    return out
+
+
+def matched_gain_verdict(m: MatchedGain) -> str:
+    """Words for one matched-gain difference: called only when the bootstrap interval excludes 0."""
+    if m.difference is None:
+        return f"not reached at {100 * m.fraction:.0f}% of LoRA's best gain"
+    if m.pairs < 2:
+        return "one pair: no interval"
+    return "CLoRA forgets less" if m.high < 0 else "CLoRA forgets more" if m.low > 0 else NO_DIFFERENCE
 
 
 def accuracy_drop(task):

@@ -66,3 +66,34 @@ def test_summary_table_and_verdicts_from_per_seed_results(tmp_path, monkeypatch)
     assert "gain on B: no difference within the interval" in table  # 40.1 ± 1.0 vs 40.0 ± 0.0: they overlap
     saved = json.loads((tmp_path / "forgetting.json").read_text())
     assert saved["per_seed"]["k4"]["0"]["forgetting"] == [pytest.approx(0.05)]
+
+
+def test_forgetting_is_interpolated_where_a_trajectory_reaches_the_gain():
+    traj = [(0.0, 0.0), (1.0, 0.2), (3.0, 1.0), (2.5, 1.5)]  # gain may fall late in training; the first crossing counts
+    assert bench.forgetting_at_gain(traj, 0.5) == pytest.approx(0.1)
+    assert bench.forgetting_at_gain(traj, 1.0) == pytest.approx(0.2)
+    assert bench.forgetting_at_gain(traj, 2.0) == pytest.approx(0.6)
+    assert bench.forgetting_at_gain(traj, 3.0) == pytest.approx(1.0)
+    assert bench.forgetting_at_gain(traj, 3.1) is None  # never reached: no extrapolation
+
+
+def test_matched_gain_difference_and_paired_bootstrap_on_known_trajectories():
+    """LoRA forgets 0.5 per unit of gain, CLoRA 0.2, each seed with its own offset shared by the pair: the
+    difference at gain g is -0.3·g exactly, and pairing removes the seed offsets, so the interval is a point."""
+    gains = [0.0, 1.0, 2.0, 3.0, 4.0]
+    offsets = {0: 0.0, 1: 0.4, 2: -0.3, 3: 0.1}
+    lora = {s: [(g, 0.5 * g + o * (g > 0)) for g in gains] for s, o in offsets.items()}
+    clora = {s: [(g * 0.9, 0.2 * g * 0.9 + o * (g > 0)) for g in gains] for s, o in offsets.items()}  # best gain 3.6
+    result = bench.matched_gain_differences(clora, lora, fractions=(0.5, 0.75, 0.95), resamples=2000)
+    assert [m.gain for m in result] == pytest.approx([2.0, 3.0, 3.8])
+    for m, g in zip(result[:2], (2.0, 3.0)):
+        assert m.difference == pytest.approx(-0.3 * g) and m.low == pytest.approx(m.high) == pytest.approx(-0.3 * g)
+        assert m.pairs == 4 and bench.matched_gain_verdict(m) == "CLoRA forgets less"
+    assert result[2].difference is None and "not reached" in bench.matched_gain_verdict(result[2])
+    # independent noise per run: the interval holds the true difference and the verdict needs it to exclude 0
+    rnd = __import__("random").Random(1)
+    noisy = {s: [(g, f + rnd.gauss(0, 0.2) * (g > 0)) for g, f in traj] for s, traj in clora.items()}
+    m = bench.matched_gain_differences(noisy, lora, fractions=(0.5,), resamples=4000)[0]
+    assert m.low < m.difference < m.high and m.high - m.low > 0.05
+    same = bench.matched_gain_differences(lora, lora, fractions=(0.5,))[0]
+    assert same.difference == 0 and bench.matched_gain_verdict(same) == bench.NO_DIFFERENCE
