@@ -3,6 +3,9 @@
     python bench/bench_peers.py                          # CPU, small LLaMA, ~10 minutes on 2 cores
     python bench/bench_peers.py --llama2_7b --bf16       # one GPU: LLaMA-2-7B shapes, vocab 32000
 
+    python bench/bench_peers.py --llama2_7b --bf16 --systems clora_ds \
+        --checkpointing off,full,selective,every_2,full+offload,offload   # the activation-memory policies, one GPU
+
 Systems (--systems picks; each run once per --checkpointing setting, all in this one session):
   clora_ds   launch/train.py, CLoRA k = hidden/8, λ = 1, packing (--pack_batch rows of --seq tokens per micro-batch),
              attention auto (on CUDA in bf16: torch's flash varlen kernel; on CPU: per-sequence SDPA)
@@ -13,7 +16,10 @@ Systems (--systems picks; each run once per --checkpointing setting, all in this
 All: LoRA r = 32, alpha 64, dropout 0 on q,k,v,up,down; lr 1e-4 AdamW (DeepSpeed's FusedAdam for clora_ds on CUDA,
 torch's for HF); bf16 with --bf16; the same --records alpaca-style records of realistic, skewed lengths (reported),
 tokenized with the launcher's own alpaca template and prompt masking for everyone; prompt+response cut at --seq.
-Checkpointing: the launcher's --gradient_checkpointing and Trainer's gradient_checkpointing (non-reentrant), both engage.
+Checkpointing (--checkpointing, comma-separated modes): off | on (= full) | full | selective | every_N, each optionally
++offload (the launcher's --activation_offloading); offload alone is off+offload. clora_ds runs every mode with
+--gradient_checkpointing POLICY; HF Trainer's gradient_checkpointing (non-reentrant) runs off and full only (the other
+modes are clora_ds-only and skipped for the HF systems). Both engage.
 
 Measured the same way for all: wall time of the steps after --warmup steps (CUDA synchronised at each step end for HF;
 the launcher reads a loss every step) and the real (non-pad) input tokens of those steps. Each run is a separate
@@ -144,6 +150,21 @@ def hf_worker(cfg: dict) -> None:
         "steps": len(ends)}), flush=True)
 
 
+def checkpointing_mode(mode: str):
+    """A --checkpointing mode -> (the launcher's --gradient_checkpointing policy, --activation_offloading)."""
+    from clora_ds.activation_memory import checkpointing_policy
+
+    policy, plus, extra = mode.partition("+")
+    if policy == "offload" and not plus:
+        return "off", True
+    if (plus and extra != "offload") or policy not in ("on", "off", "full", "selective") and not policy.startswith("every_"):
+        raise ValueError(mode)
+    policy = str(checkpointing_policy("full" if policy == "on" else policy))
+    if policy.startswith("every_") and int(policy[len("every_"):]) < 1:
+        raise ValueError(mode)
+    return policy, bool(plus)
+
+
 def run_hf(root: Path, name: str, args, collator: str, batch: int, checkpointing: bool) -> dict:
     cfg = {"model": str(args.model_path), "data": str(args.data), "seq": args.seq, "bf16": args.bf16,
            "collator": collator, "batch": batch, "steps": args.steps, "warmup": args.warmup,
@@ -156,7 +177,7 @@ def run_hf(root: Path, name: str, args, collator: str, batch: int, checkpointing
 
 
 # ---------------------------------------------------------------------------------------------- clora_ds launcher
-def run_ours(root: Path, name: str, args, attn: str, checkpointing: bool) -> dict:
+def run_ours(root: Path, name: str, args, attn: str, mode: str) -> dict:
     out = root / name
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
            "--model_name_or_path", str(args.model_path), "--train_file", str(args.data), "--output_dir", str(out),
@@ -166,7 +187,9 @@ def run_ours(root: Path, name: str, args, attn: str, checkpointing: bool) -> dic
            "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_steps", str(args.steps),
            "--logging_steps", str(args.warmup), "--save_steps", "0", "--attn_implementation", attn]
     cmd += ["--bf16"] if args.bf16 else []
-    cmd += ["--gradient_checkpointing"] if checkpointing else []
+    policy, offload = checkpointing_mode(mode)
+    cmd += ["--gradient_checkpointing", policy] if policy != "off" else []
+    cmd += ["--activation_offloading"] if offload else []
     cmd += ["--profile_steps", f"{args.warmup}-{args.warmup}"] if args.profile else []  # the last untimed step
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -192,7 +215,8 @@ def main():
                     "so (steps - warmup) should be a multiple of it")
     ap.add_argument("--systems", default="clora_ds,hf_flat,hf_pad", help="comma-separated subset of "
                     "clora_ds,clora_sdpa,hf_flat,hf_pad, run in this order")
-    ap.add_argument("--checkpointing", default="on,off", help="comma-separated on,off: every system with / without")
+    ap.add_argument("--checkpointing", default="on,off", help="comma-separated modes: off, on (= full), full, selective, "
+                    "every_N, each optionally +offload; offload = off+offload (clora_ds only beyond off and full/on)")
     ap.add_argument("--pack_batch", type=int, default=4, help="clora_ds: packed rows per micro-batch")
     ap.add_argument("--pad_batch", type=int, default=8, help="hf_pad: examples per batch")
     ap.add_argument("--flat_batch", type=int, default=0, help="hf_flat: examples per batch (default: as many as fill "
@@ -208,8 +232,12 @@ def main():
     if set(systems) - {"clora_ds", "clora_sdpa", "hf_flat", "hf_pad"}:
         ap.error(f"--systems: unknown {sorted(set(systems) - {'clora_ds', 'clora_sdpa', 'hf_flat', 'hf_pad'})}")
     modes = args.checkpointing.split(",")
-    if not modes or set(modes) - {"on", "off"}:
-        ap.error("--checkpointing: give on, off or on,off")
+    for mode in modes:
+        try:
+            checkpointing_mode(mode)
+        except Exception:  # ValueError, or ConfigError from the policy parser
+            ap.error(f"--checkpointing {mode!r}: give off, on, full, selective or every_N (N >= 1), each optionally "
+                     "+offload, or offload; comma-separated")
     if args.steps - args.warmup < args.warmup or (args.steps - args.warmup) % args.warmup:
         ap.error("--steps - --warmup must be a positive multiple of --warmup")
     import torch
@@ -236,11 +264,14 @@ def main():
               f"{args.steps} steps per run, the first {args.warmup} not timed\n")
         results = {}
         for mode in modes:
-            ck = mode == "on"
+            ck = checkpointing_mode(mode) == ("full", False)
             for system in systems:
                 name = f"{system}-{mode}"
+                if system in ("hf_flat", "hf_pad") and checkpointing_mode(mode) not in (("off", False), ("full", False)):
+                    print(f"  skip {name}: HF Trainer runs off and full only", file=sys.stderr, flush=True)
+                    continue
                 if system in ("clora_ds", "clora_sdpa"):
-                    got = run_ours(root, name, args, "auto" if system == "clora_ds" else "sdpa", ck)
+                    got = run_ours(root, name, args, "auto" if system == "clora_ds" else "sdpa", mode)
                     batching = f"packing, {args.pack_batch} rows × {args.seq}"
                 elif system == "hf_flat":
                     got = run_hf(root, name, args, "flat", flat_batch, ck)

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from .activation_memory import outside_dispatch_modes
 from .config import DATA_INITS, CLoRAConfig
 from .errors import CLoRAConfigError
 from .export.peft_writer import TrainingRecord, export_peft_adapter
@@ -187,17 +188,18 @@ class CLoRARegularizer:
                 )
             subspace.on(weight.device)
             # M [r, k] and P are saved as they are, never through activation checkpointing's pack hooks:
-            # they are small, and then a recompute has nothing of ours to reproduce
-            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            # they are small, and then a recompute has nothing of ours to reproduce. The ops run in the forward only,
+            # so selective checkpointing, which matches forward and recompute op by op, must not see them.
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), outside_dispatch_modes():
                 if side == "A":
                     r = SubspacePenalty.apply(weight, subspace.p_in)  # ½‖A P_in‖², A [r, in]
                 else:
                     r = SubspacePenalty.apply(weight.t(), subspace.p_out)  # ½‖Bᵀ P_out‖², Bᵀ [r, out]
-            if scale.collecting:
-                scale.values[where] = r.detach()
-            if tap:
-                scale.tapped.add(where)
-                return PenaltyTap.apply(output, r, scale, where)
+                if scale.collecting:
+                    scale.values[where] = r.detach()
+                if tap:
+                    scale.tapped.add(where)
+                    return PenaltyTap.apply(output, r, scale, where)
             return output
 
         return penalize

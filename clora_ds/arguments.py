@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from .activation_memory import checkpointing_problems
 from .config import CLoRAConfig
 from .data import DATA_FILE_SUFFIXES, FORMATS
 from .ds_config import HF_SCHEDULERS, MONITORS, OPTIMIZERS
@@ -31,6 +32,7 @@ class ModelArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bits (bitsandbytes; double quantization, compute and quant storage in the training dtype, so ZeRO-3 can shard it). pip install 'clora_ds[qlora]'."})
     bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4: the 4-bit data type of --load_in_4bit."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base in 8 bits (bitsandbytes LLM.int8)."})
+    base_adapters: Optional[str] = field(default=None, metadata={"help": "Earlier PEFT LoRA adapters (directories, comma-separated) merged into the base weights in memory at start-up, in order (W += (α/r)·B·A, float32 math), before the new adapter is created: sequential tasks (with --clora_p_init adapters --clora_p_adapters the same directories, O-LoRA-style). The new adapter is then used on the base with these merged. Not with --load_in_4bit / --load_in_8bit."})
 
 
 @dataclass
@@ -153,8 +155,9 @@ class TrainArguments:
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init, data order, dropout and the CLoRA subspaces P."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision."})
     fp16: bool = field(default=False, metadata={"help": "float16 mixed precision with dynamic loss scaling (GPU only)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Activation checkpointing of decoder layers: recompute each layer's forward in backward instead of keeping its activations."})
+    gradient_checkpointing: str = field(default="off", metadata={"help": "Activation checkpointing of the decoder layers: off | full | selective | every_N. full (a bare --gradient_checkpointing, or true): each layer keeps its input only and recomputes its forward in backward; selective: each layer keeps its matmul and attention outputs and recomputes the cheap ops between them (norms, RoPE, SwiGLU, casts; non-reentrant only); every_N: full checkpointing of every N-th layer (0, N, 2N, ...), e.g. every_2. docs/performance.md says what each trades.", "nargs": "?", "const": "full"})
     gradient_checkpointing_reentrant: bool = field(default=False, metadata={"help": "Use reentrant checkpointing (default non-reentrant)."})
+    activation_offloading: bool = field(default=False, metadata={"help": "Move the tensors the decoder layers save for backward (with checkpointing: the checkpointed layers' inputs) to pinned CPU memory in forward, copied on a side CUDA stream, and back in backward; tensors under 1 MiB and parameters stay on the device. Combines with every --gradient_checkpointing policy."})
     clora_p_shard: str = field(default="auto", metadata={"help": "auto | off. auto: with more than one rank, each rank keeps 1/W of every module's P columns (the same subspaces and gradients, 1/W of P's memory, no extra communication); off: every rank keeps all of P."})
     save_steps: int = field(default=500, metadata={"help": "Save a checkpoint every N steps (0: only at the end)."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N complete checkpoints (older complete ones are deleted)."})
@@ -221,11 +224,17 @@ def argument_problems(model: ModelArguments, data: DataArguments, clora_args, tr
         problems.append("--bf16 and --fp16 are both set; choose one")
     if model.load_in_4bit and model.load_in_8bit:
         problems.append("--load_in_4bit and --load_in_8bit are both set; choose one")
+    if model.base_adapters and (model.load_in_4bit or model.load_in_8bit):
+        problems.append(f"--base_adapters with {'--load_in_4bit' if model.load_in_4bit else '--load_in_8bit'}: merging "
+                        "into a quantized base is lossy (the merged weights are quantized again, and the earlier "
+                        "adapters' update is lost to the quantization error); merge them into a full-precision copy of "
+                        "the base (PEFT's merge_and_unload, saved) and quantize that, or train without quantization")
     if model.bnb_4bit_quant_type not in ("nf4", "fp4"):
         problems.append(f"--bnb_4bit_quant_type {model.bnb_4bit_quant_type!r}: choose nf4 or fp4")
     if train.fp16 and (model.load_in_4bit or model.load_in_8bit):
         problems.append("--fp16 with a quantized base (--load_in_4bit / --load_in_8bit) is not supported: train QLoRA in "
                         "--bf16 (or fp32); DeepSpeed's fp16 loss scaling over a bitsandbytes base is untested here")
+    problems += checkpointing_problems(train.gradient_checkpointing, train.gradient_checkpointing_reentrant)
     if train.clora_p_shard not in ("auto", "off"):
         problems.append(f"--clora_p_shard {train.clora_p_shard!r}: choose auto or off")
     for flag in ("fused_lora", "chunked_loss"):

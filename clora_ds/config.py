@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import CLoRAConfigError
 
-P_INITS = ("orthogonal", "svd_major", "svd_minor", "activations")
-DATA_INITS = ("activations",)  # P derived from data: not a function of the seed, so saved (CLORA_SUBSPACES_NAME)
+P_INITS = ("orthogonal", "svd_major", "svd_minor", "activations", "adapters")
+DATA_INITS = ("activations", "adapters")  # P derived from data: not a function of the seed, so saved (CLORA_SUBSPACES_NAME)
 P_DTYPES = ("float32", "bfloat16", "float16", "float64")
 CLORA_CONFIG_NAME = "clora_config.json"
 CLORA_SUBSPACES_NAME = "clora_subspaces.safetensors"  # data-derived P, whole: "{module}.p_in" [in, k], "{module}.p_out" [out, k]
@@ -50,7 +50,9 @@ class CLoRAConfig:
         metadata={"flag": "clora_p_init", "help": "How P is built: 'orthogonal' (random Haar, the paper's default), 'svd_major' / "
                   "'svd_minor' (top / bottom-k singular vectors of the frozen W), 'activations' (top-k eigenvectors of the "
                   "second moment E[x xᵀ] of each module's inputs, and of its frozen outputs W·x, over --clora_p_tokens tokens "
-                  "of --clora_p_data; saved as clora_subspaces.safetensors with every checkpoint and the adapter)."},
+                  "of --clora_p_data), 'adapters' (the span of earlier PEFT LoRA adapters, --clora_p_adapters: their lora_A "
+                  "rows for P_in, lora_B columns for P_out; completed to k by the activations of --clora_p_data when they "
+                  "span fewer); data-derived P is saved as clora_subspaces.safetensors with every checkpoint and the adapter."},
     )
     seed: int = field(default=0, metadata={"flag": "seed", "help": "Seed of the subspaces; P is a pure function of (seed, module "
                                            "name, shape, k, p_init)."})
@@ -60,7 +62,15 @@ class CLoRAConfig:
         default=None,
         metadata={"flag": "clora_p_data", "help": "Calibration data of --clora_p_init activations: a file in any training format "
                   "(.json, .jsonl, .parquet, .txt; general text, not the task), tokenized as for training and concatenated "
-                  "into rows of --max_seq_length tokens. Read once, at the start of a run (a resume uses the saved P)."},
+                  "into rows of --max_seq_length tokens. Read once, at the start of a run (a resume uses the saved P). With "
+                  "--clora_p_init adapters (optional): completes P to k columns where the adapters span fewer."},
+    )
+    p_adapters: Optional[str] = field(
+        default=None,
+        metadata={"flag": "clora_p_adapters", "help": "The earlier PEFT LoRA adapters of --clora_p_init adapters, comma-separated "
+                  "directories (adapter_config.json + adapter_model.safetensors): P_in spans their lora_A rows, P_out their "
+                  "lora_B columns, per module; they must adapt every module this run adapts, with the base model's shapes. "
+                  "Read once, at the start of a run."},
     )
     p_tokens: int = field(default=131072, metadata={"flag": "clora_p_tokens", "help": "Calibration tokens for --clora_p_init "
                                                     "activations: the first N tokens of --clora_p_data (all of it when it "
@@ -104,15 +114,21 @@ class CLoRAConfig:
             if values.get(name) not in choices:
                 out.append((name, f"{values.get(name)!r} is not one of {', '.join(choices)}"))
         positive_int("p_tokens")
-        data, init = values.get("p_data"), values.get("p_init")
-        if init in DATA_INITS and not data:
+        data, init, adapters = values.get("p_data"), values.get("p_init"), values.get("p_adapters")
+        if init == "adapters" and not adapters:
+            out.append(("p_adapters", "is needed by p_init adapters: give the earlier PEFT LoRA adapter directories, "
+                                      "comma-separated"))
+        elif adapters and init != "adapters":
+            out.append(("p_adapters", f"is read only by p_init adapters, and p_init is {init!r}; drop it or set p_init "
+                                      "to adapters"))
+        if init == "activations" and not data:
             out.append(("p_data", f"is needed by p_init {init}: give a calibration file of general text (any training "
                                   "format, e.g. a .txt file)"))
         elif data and init not in DATA_INITS:
-            out.append(("p_data", f"is read only by p_init {' or '.join(DATA_INITS)}, and p_init is {init!r}; drop it or "
-                                  f"set p_init to {DATA_INITS[0]}"))
+            out.append(("p_data", f"is read only by p_init activations, and p_init is {init!r}; drop it or set p_init "
+                                  "to activations (p_init adapters reads it too, to complete P to k)"))
         tokens, k = values.get("p_tokens"), values.get("k")
-        if init in DATA_INITS and all(isinstance(v, int) and v >= 1 for v in (tokens, k)) and tokens < k:
+        if init in DATA_INITS and data and all(isinstance(v, int) and v >= 1 for v in (tokens, k)) and tokens < k:
             out.append(("p_tokens", f"{tokens} is fewer than k={k}: the second moment of n tokens has rank <= n, so its "
                                     f"top-k eigenvectors need at least k tokens (>= {MIN_TOKENS_PER_K * k} for a stable "
                                     "estimate)"))

@@ -54,7 +54,10 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
                                     train_args.gradient_checkpointing, train_args.gradient_checkpointing_reentrant,
                                     model_args.trust_remote_code, train_args.seed, quantization, shard,
                                     saved_subspaces=plan.calibration.saved if plan.calibration else None,
-                                    fused_lora=train_args.fused_lora, chunked_loss=train_args.chunked_loss)
+                                    fused_lora=train_args.fused_lora, chunked_loss=train_args.chunked_loss,
+                                    activation_offloading=train_args.activation_offloading,
+                                    base_adapters=plan.base_adapters)
+    log(model.activation_memory.note())
     log(model.clora.fused_lora_note or "fused LoRA projection: off (--fused_lora off); PEFT's path for every layer")
     log("chunked loss: " + ("on (the loss from the last hidden state in chunks; never the full fp32 logits)" if model.chunked_loss
                             else "off (--chunked_loss off)" if train_args.chunked_loss == "off"
@@ -213,7 +216,7 @@ def evaluate(engine, examples, batch_size: int, pad_id: int) -> float:
 
 
 def log_evaluation(engine, plan: RunPlan, train_args, step: int, metrics: MetricsLog) -> dict:
-    """Each eval set's loss, and multiple-choice accuracy by log-likelihood for a commonsense set, under the set's
+    """Each eval set's loss, and multiple-choice accuracy by log-likelihood for a commonsense or choice set, under the set's
     keys (eval_loss / eval_accuracy for a bare --eval_file, eval_SET_loss / eval_SET_accuracy for SET=SOURCE);
     logged everywhere: one metrics.jsonl row, the log line, the DeepSpeed monitor."""
     row = {}

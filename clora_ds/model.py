@@ -101,6 +101,21 @@ def inspect_model(name_or_path: str, trust_remote_code: bool = False):
     return config, tokenizer, problems
 
 
+def module_shapes(hf_config, clora: CLoRAConfig, trust_remote_code: bool = False):
+    """(every linear layer, the modules CLoRA adapts), name -> (out, in), read from a meta-device copy of the
+    architecture (None, None when it cannot be built: ``target_problems`` says why)."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapter import _linear_shapes
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None, None
+    return _linear_shapes(skeleton), target_modules_and_problems(skeleton, clora)[0]
+
+
 def target_problems(hf_config, clora: CLoRAConfig, trust_remote_code: bool = False) -> List[str]:
     """CLoRA's targets and k against the architecture, built on the meta device (no memory, no weights read)."""
     from transformers import AutoModelForCausalLM
@@ -234,14 +249,19 @@ def training_dtype(bf16: bool, fp16: bool) -> torch.dtype:
 
 
 def build_model(name_or_path: str, clora: CLoRAConfig, ds_config: dict, attn: str, dtype: torch.dtype,
-                gradient_checkpointing: bool = False, reentrant: bool = False, trust_remote_code: bool = False,
+                gradient_checkpointing="off", reentrant: bool = False, trust_remote_code: bool = False,
                 seed: int = 0, quantization=None, shard: Optional[Tuple[int, int]] = None, saved_subspaces=None,
-                fused_lora: str = "off", chunked_loss: str = "off"):
+                fused_lora: str = "off", chunked_loss: str = "off", activation_offloading: bool = False,
+                base_adapters=()):
     """The base model (under zero.Init for ZeRO-3, so it is never whole on one rank) with CLoRA attached, every
-    module in train mode, and activation checkpointing of the decoder layers when asked. Data-derived P is loaded
+    module in train mode, and the decoder layers' activation memory as asked (``gradient_checkpointing``: a policy of
+    activation_memory.py, off | full | selective | every_N, True meaning full; ``activation_offloading``; what was set
+    up is ``model.activation_memory``). Data-derived P is loaded
     from ``saved_subspaces`` (a resume), else computed after ``deepspeed.initialize`` (``calibration.data_subspaces``).
     ``fused_lora`` goes to ``attach_clora``; ``chunked_loss="auto"`` installs the chunked loss on the output layer where
-    ``chunked_loss_problem`` allows it: ``model.chunked_loss`` is then the ``ChunkedCausalLMLoss`` (else None)."""
+    ``chunked_loss_problem`` allows it: ``model.chunked_loss`` is then the ``ChunkedCausalLMLoss`` (else None).
+    ``base_adapters`` (``base_adapters.LoraAdapter``, checked by plan_run) are merged into the loaded base weights, in
+    order, before CLoRA is attached (under ZeRO-3 each weight gathered whole for it: ``merge_base_adapters``)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -253,21 +273,20 @@ def build_model(name_or_path: str, clora: CLoRAConfig, ds_config: dict, attn: st
             extra["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn,
                                                  trust_remote_code=trust_remote_code, **extra)
+    if base_adapters:
+        from .base_adapters import merge_base_adapters
+
+        merge_base_adapters(model, list(base_adapters))
     keep_4bit_cpu_forward_as_trained(model)  # evaluation during training runs in eval mode
     model.config.use_cache = False  # a KV cache in training also hides packed sequences from the mask builder
     torch.manual_seed(seed)
     model = attach_clora(model, clora, subspace_device="cuda" if torch.cuda.is_available() else None, shard=shard,
                          saved_subspaces=saved_subspaces, fused_lora=fused_lora)
+    from .activation_memory import configure_activation_memory
     from .loss import ChunkedCausalLMLoss, chunked_loss_problem
 
     model.chunked_loss = (ChunkedCausalLMLoss.install(model) if chunked_loss == "auto" and chunked_loss_problem(model) is None
                           else None)
-    if gradient_checkpointing:
-        kwargs = {"use_reentrant": reentrant}
-        if hasattr(model.get_base_model(), "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
+    model.activation_memory = configure_activation_memory(model, gradient_checkpointing, reentrant, activation_offloading)
     model.train()
     return model, keep_alive

@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .activation_memory import layer_count_problems, offloading_problems
 from .arguments import (DataArguments, DataSource, ModelArguments, TrainArguments, argument_problems, arguments_dict,
                         clora_config, eval_sources, mixture_weights, train_sources)
 from .calibration import CalibrationPlan, plan_calibration
@@ -27,8 +28,8 @@ from .batches import PACKER_VERSION, GlobalBatches, Mixture, pack_row_indices
 from .data import TokenizedData, default_cache_dir, load_records, tokenize_records, units_fingerprint
 from .ds_config import precision_problems, read_deepspeed_config, resolve_ds_config
 from .errors import RunProblems, UserError
-from .model import (choose_attention, head_size, inspect_model, quantization_problems, sequence_length_problems,
-                    target_problems)
+from .model import (choose_attention, head_size, inspect_model, module_shapes, quantization_problems,
+                    sequence_length_problems, target_problems)
 from .resume import identity_differences, resume_problems, run_identity
 from .run_dir import RunStart, best_metric_direction, eval_metric, inspect_output_dir, read_trainer_state
 
@@ -53,6 +54,7 @@ class RunPlan:
     notes: List[str] = field(default_factory=list)
     train_sets: List[TokenizedData] = field(default_factory=list)
     calibration: Optional[CalibrationPlan] = None  # data-derived P: the calibration rows, or the resumed checkpoint's P
+    base_adapters: list = field(default_factory=list)  # --base_adapters, read and checked (base_adapters.LoraAdapter)
 
     def settings(self, *argument_groups) -> dict:
         """What OUT/train_config.json records."""
@@ -62,23 +64,29 @@ class RunPlan:
 
 @dataclass
 class EvalSet:
-    """One --eval_file set, read once: its examples (for the loss) and, for a commonsense task, its records and
+    """One --eval_file set, read once: its examples (for the loss) and, for a commonsense or choice task, its records and
     protocol (for multiple-choice accuracy)."""
 
     name: Optional[str]     # SET of SET=SOURCE; None for a bare --eval_file (eval_loss / eval_accuracy)
     source: DataSource
     examples: list
-    choice: Optional[tuple]  # (records, protocol) of a commonsense task, else None
+    choice: Optional[tuple]  # (records, protocol) of a commonsense or choice task, else None
 
     @property
     def metrics(self) -> List[str]:
-        """The keys this set logs: eval[_SET]_loss, and eval[_SET]_accuracy for a commonsense task."""
+        """The keys this set logs: eval[_SET]_loss, and eval[_SET]_accuracy for a commonsense or choice task."""
         return [eval_metric(self.name, "loss")] + ([eval_metric(self.name, "accuracy")] if self.choice else [])
 
 
 def choice_task(records: List[dict], where: str) -> Optional[tuple]:
-    """(records, protocol) when the eval records are a commonsense task (LLM-Adapters labels), else None."""
+    """(records, protocol) when the eval records are a commonsense task (LLM-Adapters labels) or choice records
+    ({input, choices, label}: protocol CHOICE), else None."""
+    from .data import FORMATS
+    from .evaluation.choice import CHOICE
     from .evaluation.protocols import Commonsense, protocol_for
+
+    if set(FORMATS["choice"]) <= set(records[0]):
+        return records, CHOICE
 
     try:
         protocol = protocol_for(records, where)
@@ -111,7 +119,8 @@ def best_metric_problem(metric: Optional[str], eval_sets: List[EvalSet]) -> Opti
     if not eval_sets:
         return f"--save_best_metric {metric}: there is no --eval_file to compute it from"
     return (f"--save_best_metric {metric}: the eval sets of --eval_file log {', '.join(available)}"
-            + (" (accuracy only for a commonsense task: records with instruction, output and an answer label)"
+            + (" (accuracy only for a commonsense task, records with instruction, output and an answer label, or a "
+                  "choice task, records with input, choices and label)"
                if metric.endswith("_accuracy") else "") + "; choose one of those")
 
 
@@ -236,6 +245,8 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
         problems += target_problems(hf_config, clora, model.trust_remote_code)
     if hf_config is not None:
         problems += sequence_length_problems(hf_config, data.max_seq_length)
+        problems += layer_count_problems(train.gradient_checkpointing, getattr(hf_config, "num_hidden_layers", None))
+    problems += offloading_problems(train.activation_offloading, raw_ds)
 
     train_data = batches = weights = None
     sources, evals, train_sets, eval_sets = [], [], [], []
@@ -267,11 +278,21 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
             problem = best_metric_problem(train.save_best_metric, eval_sets)
             if problem:
                 problems.append(problem)
-    calibration, calibration_notes = None, []
+    calibration, calibration_notes, linears, targets = None, [], None, None
     if clora is not None and tokenizer is not None and data.max_seq_length >= 8 and not cache_inside_output:
+        if hf_config is not None and (model.base_adapters or clora.p_init == "adapters"):
+            linears, targets = module_shapes(hf_config, clora, model.trust_remote_code)
         calibration, clora, found, calibration_notes = plan_calibration(clora, tokenizer, data.max_seq_length, cache_dir,
-                                                                        start.resume)
+                                                                        start.resume, targets, linears)
         problems += found
+    base_adapters = []
+    if model.base_adapters and linears is not None:
+        from .base_adapters import read_adapters
+
+        base_adapters, found = read_adapters(model.base_adapters, "--base_adapters", linears)
+        problems += found
+        calibration_notes += [f"--base_adapters: {a.path} ({len(a.factors)} modules, scale {a.scale:g}) is merged into "
+                              "the base weights at start-up" for a in base_adapters]
     pad_id = None
     if tokenizer is not None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -322,6 +343,8 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
     identity = run_identity(hf_config=hf_config, clora=clora, model_path=model.model_name_or_path, data=data_id,
                             global_batch=batches.global_batch, world=world, precision=precision, optimizer=optimizer,
                             total_steps=total_steps)
+    if base_adapters:  # the weights the adapter is trained on: a resume with other base adapters is refused
+        identity["base_adapters"] = [adapter.record() for adapter in base_adapters]
     if start.resume is not None:
         problems += resume_problems(start.resume, identity, check_checkpoint_files)
     elif start.leftover_config is not None and start.leftover_config.get("run") is not None:
@@ -361,4 +384,4 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
     return RunPlan(start=start, clora=clora, hf_config=hf_config, tokenizer=tokenizer, pad_id=pad_id, attention=attention,
                    train_data=train_data, eval_sets=eval_sets, batches=batches, total_steps=total_steps,
                    ds_config=ds_config, identity=identity, world=world, notes=notes, train_sets=train_sets,
-                   calibration=calibration)
+                   calibration=calibration, base_adapters=base_adapters)

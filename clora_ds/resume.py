@@ -66,6 +66,10 @@ def identity_differences(saved: dict, now: dict) -> List[str]:
         out.append(f"--train_file: the tokenized training data differ (checkpoint: {data_a.get('train_file')}, "
                    f"{data_a.get('units')} units; now: {data_b.get('train_file')}, {data_b.get('units')} units), so the "
                    "saved position in the sample order means nothing here")
+    before, after = saved.get("base_adapters") or [], now.get("base_adapters") or []
+    if [a["fingerprint"] for a in before] != [a["fingerprint"] for a in after]:  # the base the adapter is trained on
+        out.append(f"--base_adapters: {[a['path'] for a in before] or 'none'} merged into the base in the checkpoint, "
+                   f"{[a['path'] for a in after] or 'none'} now (the same adapters' files, in the same order, are needed)")
     if "global_batch" in saved:
         diff("global batch (per device x accumulation x ranks)", saved["global_batch"], now.get("global_batch"))
     if "precision" in saved:

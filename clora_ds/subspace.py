@@ -11,7 +11,8 @@ parameter or a buffer, so it is never trained, never in ``state_dict()`` and nev
   the rank; that basis comes from a deterministic full SVD.
 - ``activations`` (data, not the seed): P_in = the top-k eigenvectors of the module inputs' second moment
   Σ x xᵀ, P_out those of its frozen outputs' Σ (W x)(W x)ᵀ, over calibration text (``clora_ds.calibration``
-  computes them). Not a function of the seed, so saved whole, every column, in CLORA_SUBSPACES_NAME beside each
+  computes them). ``adapters``: the span of earlier adapters' lora_A rows / lora_B columns (``clora_ds.base_adapters``),
+  completed to k by the activations where it is smaller. Neither is a function of the seed, so saved whole, every column, in CLORA_SUBSPACES_NAME beside each
   checkpoint and adapter (``save_subspaces``) and loaded from there (``load_subspaces``), never recomputed.
 """
 from __future__ import annotations

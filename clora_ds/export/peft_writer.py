@@ -38,6 +38,7 @@ class TrainingRecord:
     zero_stage: Optional[int] = None
     source: Optional[str] = None
     quantization: Optional[str] = None  # "4-bit (nf4)" / "8-bit": the base the adapter was trained against
+    base_adapters: Optional[str] = None  # --base_adapters: earlier adapters merged into the base before training
 
 
 
@@ -64,7 +65,7 @@ def read_training_record(layout: CheckpointLayout) -> TrainingRecord:
     return TrainingRecord(base_model=arguments.get("model_name_or_path"), train_file=arguments.get("train_file"), dtype=dtype,
                           step=step, epoch=state.get("epoch"), last_loss=_last_loss(tag_dir.parent / METRICS_FILE, step),
                           world_size=layout.world_size, zero_stage=layout.zero_stage, source=str(tag_dir),
-                          quantization=quantization)
+                          quantization=quantization, base_adapters=arguments.get("base_adapters"))
 
 
 @contextlib.contextmanager
@@ -120,7 +121,8 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
     front += ([] if merged else ["library_name: peft"]) + ["pipeline_tag: text-generation", "tags:", "- lora", "- clora"]
     front += ([] if merged else ["- peft"]) + ["---", ""]
     what = "merged model" if merged else "adapter"
-    saved_p = (f"fixed P from the base model's activations, saved in {CLORA_SUBSPACES_NAME}" if clora.p_init in DATA_INITS
+    saved_p = (f"fixed P from the earlier adapters' spans, saved in {CLORA_SUBSPACES_NAME}" if clora.p_init == "adapters"
+               else f"fixed P from the base model's activations, saved in {CLORA_SUBSPACES_NAME}" if clora.p_init in DATA_INITS
                else "fixed P, orthonormal columns, rebuilt from clora_config.json, never saved")
     lines = [f"# CLoRA {what} for {base}", "",
              "Trained with clora_ds: LoRA plus the CLoRA subspace regularizer "
@@ -134,6 +136,10 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
                   "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{record.base_model or "BASE_MODEL"}")',
                   'model = PeftModel.from_pretrained(base, "PATH")', "```", ""]
+    if record.base_adapters and not merged:
+        lines += [f"Trained on the base with earlier adapters merged into it ({record.base_adapters}, in that order; "
+                  "--base_adapters): use it on that merged base, e.g. `base = PeftModel.from_pretrained(base, "
+                  "EARLIER).merge_and_unload()` for each earlier adapter in order, then load this one.", ""]
     if record.quantization:
         lines += [f"QLoRA: the adapter was trained on a {record.quantization} base (bitsandbytes), so it learned to correct "
                   "the dequantized weights. Loading it on that quantized base reproduces training; "
@@ -147,8 +153,12 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
             ("LoRA r / α", f"{clora.r} / {clora.alpha:g} (update (α/r)·B·A, dropout {clora.dropout:g})"),
             ("target modules", _module_summary(modules)),
             ("CLoRA k / λ", f"{clora.k} / {clora.lam:g} (P init {clora.p_init}, "
-             + (f"{clora.p_tokens:,} tokens at most of {clora.p_data}; {CLORA_SUBSPACES_NAME}" if clora.p_init in DATA_INITS
+             + (f"the span of {clora.p_adapters}" + (f", completed from {clora.p_data}" if clora.p_data else "")
+                + f"; {CLORA_SUBSPACES_NAME}" if clora.p_init == "adapters"
+                else f"{clora.p_tokens:,} tokens at most of {clora.p_data}; {CLORA_SUBSPACES_NAME}" if clora.p_init in DATA_INITS
                 else f"seed {clora.seed}") + "; see clora_config.json)"),
+            *([("base adapters", f"{record.base_adapters} (merged into the base before training)")]
+              if record.base_adapters else []),
             ("steps", steps), ("last training loss", unknown if record.last_loss is None else f"{record.last_loss:.4f} (task loss)"),
             ("training", f"{parallel}, {record.dtype or unknown}" + (f", on a {record.quantization} base" if record.quantization else "")),
             ("weights", weights_note),
