@@ -36,6 +36,20 @@ def child_env():
     return env
 
 
+def counting_penalty(calls: list):
+    """A SubspacePenalty that appends to ``calls`` on every evaluation: set it as clora_ds.adapter.SubspacePenalty to
+    count the penalty's evaluations per step."""
+    from clora_ds.penalty import SubspacePenalty
+
+    class Counting(SubspacePenalty):
+        @staticmethod
+        def forward(ctx, x, p):
+            calls.append(1)
+            return SubspacePenalty.forward(ctx, x, p)
+
+    return Counting
+
+
 def run_checked(cmd, timeout=900, **kw):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(), **kw)
     if proc.returncode != 0:

@@ -13,9 +13,8 @@ from clora_ds.activation_memory import checkpointing_policy, checkpointing_probl
 from clora_ds.config import CLoRAConfig
 from clora_ds.errors import ConfigError
 from clora_ds.model import build_model
-from clora_ds.penalty import SubspacePenalty
 
-from conftest import DATA, ROOT, child_env, tree_hash
+from conftest import DATA, ROOT, child_env, counting_penalty, tree_hash
 
 CFG = CLoRAConfig(r=4, alpha=8, k=5, dropout=0.0, target_modules="q_proj,k_proj,v_proj,up_proj,down_proj")
 BATCH, SEQ, STEPS, LAYERS = 2, 24, 3, 2
@@ -52,12 +51,7 @@ def train_steps(model_dir, policy="off", offloading=False, fused="auto", input_g
     autograd's hooks outside the layers' own, GEMM / silu calls in forward and backward; step 0: bytes held after the
     forward; offload statistics."""
     calls = []
-
-    class Counting(SubspacePenalty):
-        @staticmethod
-        def forward(ctx, x, p):
-            calls.append(1)
-            return SubspacePenalty.forward(ctx, x, p)
+    Counting = counting_penalty(calls)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(adapter_module, "SubspacePenalty", Counting)

@@ -12,7 +12,7 @@ from clora_ds import CLoRAConfig, attach_clora, save_clora_adapter
 from clora_ds.adapter import PEFT_PREFIX
 from clora_ds.subspace import build_module_subspaces
 
-from conftest import child_env
+from conftest import child_env, counting_penalty
 
 
 def load(model_dir, dtype=torch.float64):
@@ -243,15 +243,9 @@ def test_penalty_evaluations_per_step(tiny_model_dir, monkeypatch, checkpointing
     """Once per module and step; reentrant needs a second one (its forward runs without grad, so the
     gradient tap is made in the recompute). A non-reentrant recompute must not redo it."""
     import clora_ds.adapter as adapter_module
-    from clora_ds.penalty import SubspacePenalty
 
     calls = []
-
-    class Counting(SubspacePenalty):
-        @staticmethod
-        def forward(ctx, x, p):
-            calls.append(1)
-            return SubspacePenalty.forward(ctx, x, p)
+    Counting = counting_penalty(calls)
 
     monkeypatch.setattr(adapter_module, "SubspacePenalty", Counting)
     model = clora_model(tiny_model_dir)
