@@ -1,12 +1,18 @@
-"""The CPU demo's figure (`bash launch/quickstart.sh demo`) is one that rounding cannot change.
+"""The CPU demo's figure (`bash launch/quickstart.sh demo`) is one that another machine cannot contradict.
 
-The demo is trained once, as quickstart.sh trains it (its own flags, read from the script, the real launcher on two
-CPU ranks), and evaluated by the real launch/evaluate.py. Then the same adapter is evaluated again (the library's
+Training is where machines differ: 400 steps at lr 1e-2 turn a CPU's rounding into another adapter (seed 0 answered
+93.75% here and 95.00% on the CI machine; seeds 1 and 2: 100% and 93.75%; the unfused path 85.00%). So README and
+bench/RESULTS.md quote a floor, DEMO_FLOOR, that every training seen clears with room, and the values seen; the test
+trains the demo once, as quickstart.sh trains it (its own flags, read from the script, the real launcher on two CPU
+ranks), evaluates it with the real launch/evaluate.py, and checks the floor.
+
+Evaluation, given an adapter, must not depend on the machine: the same adapter is evaluated again (the library's
 evaluate_task, evaluate.py's own settings) under what another machine changes: the thread count, float32 matmul
 precision, a bf16 autocast, the batch size and the order of the items (which items share a batch, so the padding and
-summation order). Every perturbation must give the same answers, hence the accuracy that README and
-bench/RESULTS.md quote. The margins say why: at every generated token up to the answer, the log-prob gap between the
-chosen token and the runner-up is far above what rounding moves (fp32 ~1e-5 relative, bf16 ~1e-2).
+summation order). An item keeps its answer under a perturbation when its margin (at every generated token up to the
+answer, the log-prob gap between the chosen token and the runner-up) exceeds what that perturbation moves a margin
+(fp32 kernels: ~1e-5 relative; a bf16 autocast: up to 0.24 nats measured): every such item must keep its answer, and
+on this machine evaluate_task must give evaluate.py's accuracy exactly.
 """
 from __future__ import annotations
 
@@ -23,14 +29,12 @@ import torch
 
 from conftest import ROOT, deepspeed_cmd, run_checked
 
-# The figure README and bench/RESULTS.md quote for the demo's adapter on its held-out split (80 questions), trained on the
-# launcher's default path (fused LoRA projection, chunked loss); PEFT's unfused path gave 0.85 (see bench/RESULTS.md).
-DEMO_ACCURACY = 0.9375
-# The smallest log-prob gap (nats) between the chosen token and the runner-up, over every held-out item and every
-# token up to its answer, that the test accepts: a bf16 autocast moved the margins of the demo's earlier adapter by up
-# to 0.24 nats (measured 2026-12-02), fp32 kernels move them by ~1e-5; today's adapter's smallest is 0.33 (one item;
-# the next is 1.00). The perturbations below are the real check; this bound says how close the closest item is.
-MIN_MARGIN = 0.3
+# The floor README and bench/RESULTS.md quote for the demo's adapter on its held-out split (80 questions): every
+# training seen (3 seeds, two CPUs, the fused and the unfused path) answered 85.00-100%; a random base answers 0%.
+DEMO_FLOOR = 0.80
+# What each perturbation may move a margin (nats): a bf16 autocast moved the demo adapter's margins by up to 0.24
+# (measured 2026-12-02); fp32 kernels, thread counts and batching move them by ~1e-5 relative.
+BF16_MOVES, FP32_MOVES = 0.3, 0.01
 
 
 def demo_train_args(demo_dir: Path) -> list:
@@ -113,7 +117,7 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_figure_is_the_same_under_what_a_machine_changes(demo_run):
+def test_demo_clears_its_floor_and_its_evaluation_does_not_depend_on_the_machine(demo_run):
     from clora_ds.data import read_records
     from clora_ds.evaluation.protocols import protocol_for
 
@@ -121,37 +125,41 @@ def test_demo_figure_is_the_same_under_what_a_machine_changes(demo_run):
     records = read_records(str(demo_run / "assets" / "data" / "test.jsonl"))
     assert len(records) >= 50
     assert results["base"]["tasks"]["facts"]["accuracy"] == 0.0  # a random base never answers in the format
-    assert results["run"]["tasks"]["facts"]["accuracy"] == pytest.approx(DEMO_ACCURACY, abs=1e-9)
-    figure = f"{100 * DEMO_ACCURACY:.2f}%"
+    figure = results["run"]["tasks"]["facts"]["accuracy"]
+    print(f"\ndemo accuracy on this machine: {100 * figure:.2f}%")
+    assert figure >= DEMO_FLOOR
     for quoted_in in ("bench/RESULTS.md", "README.md"):
-        assert figure in (ROOT / quoted_in).read_text(), f"{quoted_in} does not quote {figure}"
+        assert f"at least {100 * DEMO_FLOOR:.0f}%" in (ROOT / quoted_in).read_text(), \
+            f"{quoted_in} does not quote the floor {100 * DEMO_FLOOR:.0f}%"
 
     model, tokenizer = load_adapter(demo_run / "run")
     accuracy, answers = evaluate_as_evaluate_py(model, tokenizer, records)
-    assert accuracy == pytest.approx(DEMO_ACCURACY, abs=1e-9)
+    assert accuracy == pytest.approx(figure, abs=1e-9)
 
     protocol = protocol_for(records, "facts")
     measured = answer_margins(model, tokenizer, [protocol.prompt(r) for r in records], protocol.pattern)
     assert [answer for _, answer in measured] == [answers[r["instruction"]] for r in records]
-    margins = [m for m, _ in measured]
-    print(f"\ndemo margins (nats): smallest {min(margins):.3f}, 5 smallest {sorted(round(m, 3) for m in margins)[:5]}")
-    assert min(margins) > MIN_MARGIN
+    margins = {r["instruction"]: m for r, (m, _) in zip(records, measured)}
+    print(f"demo margins (nats): smallest {min(margins.values()):.3f}, 5 smallest "
+          f"{sorted(round(m, 3) for m in margins.values())[:5]}")
 
     shuffled = records[:]
     random.Random(1).shuffle(shuffled)
     perturbations = {
-        "1 thread": (dict(threads=1), records, 32),
-        "2 threads": (dict(threads=2), records, 32),
-        "matmul precision high": (dict(matmul="high"), records, 32),
-        "matmul precision medium": (dict(matmul="medium"), records, 32),
-        "bf16 autocast": (dict(bf16=True), records, 32),
-        "items shuffled, batch 7": (dict(), shuffled, 7),
+        "1 thread": (dict(threads=1), records, 32, FP32_MOVES),
+        "2 threads": (dict(threads=2), records, 32, FP32_MOVES),
+        "matmul precision high": (dict(matmul="high"), records, 32, FP32_MOVES),
+        "matmul precision medium": (dict(matmul="medium"), records, 32, BF16_MOVES),
+        "bf16 autocast": (dict(bf16=True), records, 32, BF16_MOVES),
+        "items shuffled, batch 7": (dict(), shuffled, 7, FP32_MOVES),
     }
-    for name, (setting, items, batch_size) in perturbations.items():
+    for name, (setting, items, batch_size, moves) in perturbations.items():
         with machine(**setting):
-            got_accuracy, got_answers = evaluate_as_evaluate_py(model, tokenizer, items, batch_size)
-        assert got_answers == answers, f"{name}: the answers changed"
-        assert got_accuracy == pytest.approx(DEMO_ACCURACY, abs=1e-9), name
+            _, got_answers = evaluate_as_evaluate_py(model, tokenizer, items, batch_size)
+        held = [q for q in answers if margins[q] > moves]
+        assert len(held) >= 0.9 * len(answers), f"{name}: {len(answers) - len(held)} items closer than {moves} nats"
+        changed = [q for q in held if got_answers[q] != answers[q]]
+        assert not changed, f"{name}: items whose margin exceeds {moves} nats changed their answer: {changed}"
 
 
 if __name__ == "__main__":  # measure an existing demo run: python tests/test_demo.py out/demo
