@@ -1,8 +1,9 @@
 """Does CLoRA forget less than LoRA? A reproduction on a tiny model in minutes (--quick, CPU) and on a real pretrained
-LLaMA, SmolLM2-135M-Instruct, offline (--real; meant for a GPU, runs on a CPU slowly).
+LLaMA, SmolLM2-135M-Instruct, offline (--real: the Pareto benchmark, about 2 hours on 2 CPU cores).
 
     python bench/bench_forgetting.py --quick                  # 2-core CPU, ~15 minutes: table, verdicts, plot in --out
-    python bench/bench_forgetting.py --real --assets_dir assets/   # needs python launch/prepare_assets.py smollm2 bbh
+    python bench/bench_forgetting.py --real --assets_dir assets/ --out out/pareto   # after prepare_assets smollm2 bbh
+    python bench/bench_forgetting.py --smoke --assets_dir assets/ --out out/pareto_smoke  # the same at toy sizes
 
 quick: a small LLaMA (hidden 64, 4 layers) is pretrained from scratch (full fine-tuning, in this script) on domain A
 (which of 80 words are fruits, asked as boolq and winogrande ask: 160 questions) until it answers A; it also meets B's
@@ -17,10 +18,9 @@ half-width of the 95% t-interval over seeds (t_{0.975, n-1}·s/√n). Each CLoRA
 ("CLoRA forgets less / more", "no difference within the interval"): a difference is called only when the two
 intervals do not overlap. Finished seeds and adapters in --out are reused; --fresh retrains everything.
 
-real: SmolLM2-135M-Instruct fine-tuned on a narrow commonsense-format task (the same facts, B) by launch/train.py,
-LoRA vs a CLoRA k-sweep; forgetting = the change from the base of BBH-source multiple-choice accuracy (lm-eval,
-clora_bbh_mc, --bbh_items per task) and of the mean token NLL on held-out general text (BIG-bench inputs); plus F and
-‖ΔW‖.
+real: the learning-vs-forgetting Pareto benchmark on SmolLM2-135M-Instruct (bench/pareto.py): a new domain from
+BIG-bench (three-digit addition 'plus one'), every run a trajectory of (gain, forgetting) points, forgetting at
+matched gain with a paired bootstrap interval; --smoke runs it at toy sizes in minutes (CI).
 """
 import argparse
 import json
@@ -36,6 +36,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # pareto.py, --real's benchmark
 
 from clora_ds.tiny import ANIMALS, COLOURS, FRUITS, TOOLS, fact_record  # noqa: E402
 
@@ -380,74 +381,45 @@ def plot(rows, names, settings, out_png, gain_task, keep_label):
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------------
-# real: SmolLM2-135M-Instruct
-# ---------------------------------------------------------------------------------------------------
-def real(args):
-    from clora_ds.assets import SMOLLM2_DIR
-
-    assets = Path(args.assets_dir)
-    base = assets / SMOLLM2_DIR
-    if not (base / "config.json").is_file() or not (assets / "bbh").is_dir():
-        sys.exit(f"error: run `python launch/prepare_assets.py smollm2 bbh --assets_dir {assets}` first")
-    work = Path(args.out)
-    b_all = [b_record(w, k) for w in B_MEMBERS + B_OTHERS for k in FORMATS]
-    b_test, b_train = write_jsonl(work / "B.jsonl", b_all), write_jsonl(work / "B_train.jsonl", b_all * 8)
-    general = []  # held-out general text: BIG-bench inputs the fine-tuning never saw
-    for f in sorted((assets / "bbh").glob("*.jsonl")):
-        general += [json.loads(line)["input"] for line in f.read_text().splitlines()[:args.text_per_task]]
-    text_file = write_jsonl(work / "general_text.jsonl", [{"text": t} for t in general])
-    variants = [("lora", max(args.k), 0.0)] + [(f"k{k}", k, 1.0) for k in args.k]
-    results = {}
-    for seed in args.seeds:
-        eval_dir = work / f"s{seed}" / "eval"
-        if (eval_dir / "eval_results.json").is_file() and not args.fresh:
-            results[seed] = json.loads((eval_dir / "eval_results.json").read_text())["models"]
-            continue
-        adapters = [(name, train_adapter(base, b_train, work / f"s{seed}" / name, k, lam, seed, args.steps, args.lr,
-                                         args.batch_size, reuse=not args.fresh)) for name, k, lam in variants]
-        cmd = [sys.executable, ROOT / "launch" / "evaluate.py", "--base_model", base, "--task_file", f"B={b_test}",
-               "--loss_file", f"text={text_file}", "--f_file", text_file, "--lm_eval_tasks", "clora_bbh_mc",
-               "--lm_eval_data_dir", assets, "--lm_eval_limit", args.bbh_items, "--output_dir", eval_dir, "--overwrite",
-               "--max_new_tokens", 12]
-        for name, path in adapters:
-            cmd += ["--adapter", f"{name}={path}"]
-        run(cmd, work / f"s{seed}" / "eval.log", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-        results[seed] = json.loads((eval_dir / "eval_results.json").read_text())["models"]
-    from clora_ds.evaluation.report import lm_eval_average
-
-    keeps = [("forgetting on BBH-source (base − adapter, %)", lambda r, n: lm_eval_average(r["base"]) - lm_eval_average(r[n]), True),
-             ("general-text NLL increase (adapter − base)", lambda r, n: r[n]["loss"]["text"]["nll"] - r["base"]["loss"]["text"]["nll"], False)]
-    return summarize(results, [n for n, _, _ in variants], {n: (k, lam) for n, k, lam in variants}, work, "B", keeps)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="the tiny model (CPU, minutes)")
-    mode.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct (GPU; CPU is slow)")
+    mode.add_argument("--real", action="store_true", help="the Pareto benchmark on SmolLM2-135M-Instruct (~2 h on 2 "
+                      "CPU cores; bench/pareto.py)")
+    mode.add_argument("--smoke", action="store_true", help="--real at toy sizes (2 runs of 4 steps; minutes; CI)")
     ap.add_argument("--out", default="out/forgetting", help="working directory: runs, evaluations, table, plot")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                    help="adapter seeds (init and data order); the intervals are over them (default 0-4)")
-    ap.add_argument("--k", type=int, nargs="+", default=None, help="CLoRA k values (quick: 4 16; real: 16 64 128)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="adapter seeds (init and data order); the intervals are over them (quick: 0-4; real: 0 1 2, "
+                    "the first for every configuration, all of them for the reference LoRA and the best CLoRA of each "
+                    "kind)")
+    ap.add_argument("--k", type=int, nargs="+", default=None, help="quick: CLoRA k values (default 4 16)")
     ap.add_argument("--big_lambda", type=float, default=10.0, help="quick: the extra CLoRA run's λ at the largest k")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (quick: 120; real: 100)")
-    ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (quick: 1e-2; real: 2e-4)")
-    ap.add_argument("--batch_size", type=int, default=16, help="real: examples per fine-tuning step (quick: 16)")
+    ap.add_argument("--steps", type=int, default=None, help="quick: fine-tuning steps (default 120)")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tuning lr (quick: 1e-2; real: 3e-4, the reference "
+                    "LoRA's, with LoRA also at lr/3 and 3·lr)")
     ap.add_argument("--pretrain_steps", type=int, default=500, help="quick: full-training steps of the base on A")
     ap.add_argument("--assets_dir", default="assets", help="real: where prepare_assets.py put smollm2 and bbh")
-    ap.add_argument("--bbh_items", type=int, default=20, help="real: items per BBH-source task (lm-eval --limit)")
-    ap.add_argument("--text_per_task", type=int, default=8, help="real: general-text inputs per BIG-bench task")
+    ap.add_argument("--report_only", action="store_true", help="real/smoke: train nothing; the tables and plot of the "
+                    "runs that have finished (a configuration whose first seed has not is left out, and so is an "
+                    "unfinished seed)")
     ap.add_argument("--fresh", action="store_true", help="retrain the base (quick) and every adapter and "
                     "re-evaluate (default: reuse what --out holds, so an interrupted run continues)")
     args = ap.parse_args()
-    args.k = args.k or ([4, 16] if args.quick else [16, 64, 128])
-    args.steps = args.steps or (120 if args.quick else 100)
-    args.lr = args.lr or (1e-2 if args.quick else 2e-4)
+    args.k = args.k or [4, 16]
+    args.steps = args.steps or 120
+    args.lr = args.lr or (1e-2 if args.quick else 3e-4)
+    args.seeds = args.seeds or ([0, 1, 2, 3, 4] if args.quick else [0] if args.smoke else [0, 1, 2])
+    mode = "quick" if args.quick else "real" if args.real else "smoke"
     started = time.time()
-    settings = {"mode": "quick" if args.quick else "real", "steps": args.steps, "lr": args.lr, "k": args.k,
-                "big_lambda": args.big_lambda, "pretrain_steps": args.pretrain_steps,
-                "words": {"A": len(A_MEMBERS + A_OTHERS), "B": len(B_MEMBERS + B_OTHERS)}}  # an older, smaller world
+    if args.quick:
+        settings = {"mode": mode, "steps": args.steps, "lr": args.lr, "k": args.k, "big_lambda": args.big_lambda,
+                    "pretrain_steps": args.pretrain_steps,
+                    "words": {"A": len(A_MEMBERS + A_OTHERS), "B": len(B_MEMBERS + B_OTHERS)}}  # an older, smaller world
+    else:
+        import pareto
+
+        settings = {"mode": mode, "lr": args.lr, "seeds": args.seeds, "version": pareto.VERSION}
     stamp = Path(args.out) / "settings.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != settings and not args.fresh:
         sys.exit(f"error: {args.out} holds runs made with other settings ({stamp.read_text().strip()}); pass --fresh "
@@ -458,11 +430,18 @@ def main():
         shutil.rmtree(args.out)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(settings) + "\n")
-    table = quick(args) if args.quick else real(args)
-    print(f"# bench_forgetting {'--quick' if args.quick else '--real'}: steps {args.steps}, lr {args.lr:g}, k {args.k}, "
-          f"seeds {args.seeds}; {time.time() - started:.0f} s in all\n")
+    if args.quick:
+        table = quick(args)
+        print(f"# bench_forgetting --quick: steps {args.steps}, lr {args.lr:g}, k {args.k}, seeds {args.seeds}; "
+              f"{time.time() - started:.0f} s in all\n")
+        print(table)
+        print(f"table: {Path(args.out) / 'forgetting.md'}; plot: {Path(args.out) / 'forgetting_vs_k.png'}")
+        return
+    table = pareto.pareto(args, run, sys.modules[__name__])
+    print(f"# bench_forgetting --{mode}: lr {args.lr:g}, seeds {args.seeds}; {time.time() - started:.0f} s in all\n")
     print(table)
-    print(f"table: {Path(args.out) / 'forgetting.md'}; plot: {Path(args.out) / 'forgetting_vs_k.png'}")
+    print(f"table: {Path(args.out) / 'pareto.md'}; plot: {Path(args.out) / 'pareto.png'}; every number: "
+          f"{Path(args.out) / 'pareto.json'}")
 
 
 if __name__ == "__main__":
