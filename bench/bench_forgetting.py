@@ -251,6 +251,12 @@ class MatchedGain(NamedTuple):
     pairs: int
 
 
+def paired_bootstrap(diffs: Sequence[float], rng: random.Random, resamples: int = 10000) -> Tuple[float, float, float]:
+    """(mean, 2.5%, 97.5%) of the mean of ``diffs`` (one per seed pair), resampled with replacement."""
+    means = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(resamples))
+    return statistics.mean(diffs), means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
+
+
 def matched_gain_differences(clora: Dict[int, list], lora: Dict[int, list], fractions=(0.5, 0.75, 0.9),
                              resamples: int = 10000, seed: int = 0) -> List[MatchedGain]:
     """Forgetting of CLoRA minus LoRA at ``fractions`` of LoRA's best gain (the mean over LoRA's seeds of each
@@ -271,9 +277,7 @@ def matched_gain_differences(clora: Dict[int, list], lora: Dict[int, list], frac
         if not diffs:
             out.append(MatchedGain(fraction, gain, None, None, None, 0))
             continue
-        means = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(resamples))
-        out.append(MatchedGain(fraction, gain, statistics.mean(diffs), means[int(0.025 * (resamples - 1))],
-                               means[int(0.975 * (resamples - 1))], len(diffs)))
+        out.append(MatchedGain(fraction, gain, *paired_bootstrap(diffs, rng, resamples), len(diffs)))
     return out
 
 

@@ -6,7 +6,7 @@ a + b + 1, an operation the base does not know: it adds, or does not answer). Ev
 evaluates its named eval sets every --eval_every steps (metrics.jsonl), and the base is the same evaluation of a run
 whose adapter has not moved (1 step at lr 1e-30). At each point:
 
-- gain: the base's held-out answer NLL (200 problems never trained) minus the adapter's, nats per answer token;
+- gain: the base's held-out answer NLL (120 problems never trained) minus the adapter's, nats per answer token;
 - forgetting, (a): the change from the base of the mean token NLL on held-out general text, from the calibration's
   source (text_a: BBH-source inputs, other items than the calibration's) and from another (text_b: inputs of other
   BIG-bench tasks, none in the calibration), so that activations P is not judged only where it was fitted;
@@ -19,7 +19,6 @@ is given with a paired (by seed) bootstrap 95% interval. Finished runs are reuse
 from __future__ import annotations
 
 import json
-import math
 import random
 import statistics
 import sys
@@ -55,7 +54,7 @@ class Sizes:
     """How much of everything: the real benchmark's defaults (about 2 hours on 2 CPU cores) or --smoke's."""
     train: int = 512         # domain training problems (one epoch at steps x batch)
     gain: int = 120          # held-out domain problems
-    text_per_task: int = 2   # general-text items per task, each of text_a (25 tasks) and text_b (12 tasks)
+    text_per_task: int = 2   # general-text items per task, each of text_a (up to 24 tasks) and text_b (15)
     calibration_per_task: int = 16
     calibration_tokens: int = 8192
     probe: int = 1000        # pooled probe items
@@ -119,15 +118,15 @@ def read_bigbench(sdist: Path, names) -> Dict[str, list]:
 
 def addition_problems(examples) -> List[tuple]:
     """Every distinct 'a + b -> a+b+1' line of the task, its shots included: (a, b)."""
-    seen = []
+    seen = {}  # insertion-ordered
     for ex in examples:
         for line in str(ex["input"]).splitlines() + [f"{ex['input'].splitlines()[-1]} {ex['target']}"]:
             parts = line.replace("->", " -> ").split()
             if len(parts) == 5 and parts[1] == "+" and parts[3] == "->" and parts[4].lstrip("-").isdigit():
                 a, b, c = int(parts[0]), int(parts[2]), int(parts[4])
-                if c == a + b + 1 and (a, b) not in seen:
-                    seen.append((a, b))
-    return seen
+                if c == a + b + 1:
+                    seen.setdefault((a, b), None)
+    return list(seen)
 
 
 def addition_record(a: int, b: int, rng: random.Random) -> dict:
@@ -148,13 +147,7 @@ def texts(records, per_task: int, skip: int, rng_seed: int, taken: set) -> List[
     return chosen
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def build_data(assets: Path, work: Path, sizes: Sizes) -> Dict[str, Path]:
+def build_data(assets: Path, work: Path, sizes: Sizes, write_jsonl) -> Dict[str, Path]:
     """The benchmark's files in work/data (rebuilt only when missing): train, gain, text_a, text_b, probe,
     calibration, replay; and data/summary.json (what each holds)."""
     data = work / "data"
@@ -222,7 +215,7 @@ def metrics_rows(run_dir: Path) -> List[dict]:
 
 
 def train_run(base: Path, data: Dict[str, Path], out: Path, cfg: Config, seed: int, sizes: Sizes, run,
-              steps: Optional[int] = None, lr: Optional[float] = None) -> Path:
+              steps: Optional[int] = None) -> Path:
     """One launch/train.py run (one process; its evaluations every sizes.eval_every steps), reused when finished."""
     steps = steps or sizes.steps
     if (out / "adapter" / "adapter_config.json").is_file() and metrics_rows(out):
@@ -232,7 +225,7 @@ def train_run(base: Path, data: Dict[str, Path], out: Path, cfg: Config, seed: i
            "--model_name_or_path", base, "--train_file", data["train"], "--eval_file", evals,
            "--output_dir", out, "--overwrite_output_dir", "--max_steps", steps, "--eval_steps", sizes.eval_every,
            "--per_device_train_batch_size", sizes.batch, "--per_device_eval_batch_size", 32,
-           "--learning_rate", lr or cfg.lr, "--lora_r", 8, "--lora_alpha", 16, "--lora_dropout", 0,
+           "--learning_rate", cfg.lr, "--lora_r", 8, "--lora_alpha", 16, "--lora_dropout", 0,
            "--target_modules", TARGETS, "--clora_k", cfg.k or 8, "--clora_lambda", cfg.lam, "--seed", seed,
            "--save_steps", 0, "--logging_steps", max(1, sizes.eval_every // 4), "--max_seq_length", 256]
     if cfg.replay:
@@ -251,7 +244,8 @@ def train_run(base: Path, data: Dict[str, Path], out: Path, cfg: Config, seed: i
 def trajectory(rows: List[dict], base: dict, probe: Optional[float] = None) -> List[dict]:
     """[{step, gain, text_a, text_b, probe, gain_accuracy}] from the base (step 0: all zero) through every evaluation:
     gain in nats per answer token, text NLL change in nats per token; probe forgetting (base − adapter accuracy, in
-    points) at the end only (None before: the 1,000-item probe is scored once per run, see probe_accuracy)."""
+    points) at the end only, where ``probe`` is given (None elsewhere: the 1,000-item probe is scored once per
+    configuration, at the end of its first seed; see Prober)."""
     out = [{"step": 0, "gain": 0.0, "text_a": 0.0, "text_b": 0.0, "probe": 0.0, "gain_accuracy": base["eval_gain_accuracy"]}]
     for r in sorted(rows, key=lambda r: r["step"]):
         out.append({"step": r["step"], "gain": base["eval_gain_loss"] - r["eval_gain_loss"],
@@ -315,13 +309,6 @@ class Prober:
         return result.accuracy
 
 
-def paired_bootstrap(diffs: List[float], resamples: int = 10000, seed: int = 0):
-    """(mean, 2.5%, 97.5%) of the mean of ``diffs`` (one per seed pair) resampled with replacement."""
-    rng = random.Random(seed)
-    means = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(resamples))
-    return statistics.mean(diffs), means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
-
-
 def forgetting_points(traj: List[dict], metric: str) -> List[tuple]:
     return [(p["gain"], p[metric]) for p in traj]
 
@@ -373,7 +360,7 @@ def pareto(args, run, stats) -> str:
     base_model = assets / SMOLLM2_DIR
     if not (base_model / "config.json").is_file() or not (assets / "bbh").is_dir():
         sys.exit(f"error: run `python launch/prepare_assets.py smollm2 bbh --assets_dir {assets}` first")
-    data = build_data(assets, work, sizes)
+    data = build_data(assets, work, sizes, stats.write_jsonl)
     summary = json.loads((work / "data" / "summary.json").read_text())
     started = time.time()
 
@@ -453,7 +440,8 @@ def pareto(args, run, stats) -> str:
                        if trajs[cfg.name][s][-1]["probe"] is not None and trajs[reference.name][s][-1]["probe"] is not None)
         d_probe = [trajs[cfg.name][s][-1]["probe"] - trajs[reference.name][s][-1]["probe"] for s in pairs]
         d_gain = [trajs[cfg.name][s][-1]["gain"] - trajs[reference.name][s][-1]["gain"] for s in pairs]
-        row = {"run": cfg.name, "pairs": len(pairs), "probe": paired_bootstrap(d_probe), "gain": paired_bootstrap(d_gain)}
+        row = {"run": cfg.name, "pairs": len(pairs), "probe": stats.paired_bootstrap(d_probe, random.Random(0)),
+               "gain": stats.paired_bootstrap(d_gain, random.Random(0))}
         lo, hi = row["probe"][1:]
         row["verdict"] = ("one pair: no interval" if len(pairs) < 2 else "forgets less on the probe" if hi < 0
                           else "forgets more on the probe" if lo > 0 else stats.NO_DIFFERENCE)
