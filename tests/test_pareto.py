@@ -113,3 +113,14 @@ def test_smoke_benchmark_numbers_are_what_they_say(smoke):
     report = subprocess.run(cmd + ["--report_only"], capture_output=True, text=True, cwd=ROOT)
     assert report.returncode == 0, report.stderr[-3000:]
     assert json.loads((out / "pareto.json").read_text())["trajectories"] == result["trajectories"]
+
+    # --report_only trains nothing: a run made unfinished stays so, and the report leaves it out
+    import shutil
+
+    unfinished = out / "s0" / "act_k16_l1"
+    shutil.rmtree(unfinished / "adapter")
+    before = tree_hash(unfinished)
+    report = subprocess.run(cmd + ["--report_only"], capture_output=True, text=True, cwd=ROOT)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert tree_hash(unfinished) == before
+    assert set(json.loads((out / "pareto.json").read_text())["trajectories"]) == {"lora"}
