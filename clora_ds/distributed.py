@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import signal
 import threading
 import time
@@ -183,6 +184,27 @@ def leave_together(timeout_s: float = LEAVE_TIMEOUT_S) -> bool:
     if _watcher is not None:
         _watcher.join(timeout=10)  # at most one poll; longer only if it is already ending a lost run
     return True
+
+
+def exit_now(code: int) -> None:
+    """Leave with exit status ``code`` without the interpreter's shutdown: streams and log handlers flushed, then
+    ``os._exit``. Every error exit takes it, after `leave_together` (or instead of it when the barrier timed out).
+
+    Why: even with the process group destroyed, a rank whose peers have just exited (rank 0 hosts the TCP store) can
+    abort in the backend's C++ destructors at interpreter shutdown (``terminate called without an active exception``,
+    SIGABRT): CI saw rank 1 of a refused 2-rank resume exit -6 (runner 250) after rank 0's correct `error:` line and
+    exit 2. Skipping that shutdown on an error exit loses nothing: metrics.jsonl and DeepSpeed's monitors write each row
+    through (flush per row), checkpoints are complete or not made, and nothing else is pending then.
+    """
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def default_signal_actions() -> None:

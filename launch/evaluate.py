@@ -76,7 +76,7 @@ def init_distributed():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from clora_ds.distributed import SiblingFailed, leave_together
+    from clora_ds.distributed import SiblingFailed, exit_now, leave_together
     from clora_ds.errors import UserError
     from clora_ds.evaluation.run import EvalRequest, run_evaluation
 
@@ -99,11 +99,9 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
     if not leave_together():  # the process group could not be closed: leave before the interpreter's shutdown aborts
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 1)
+        exit_now(code or 1)
     if code:
-        sys.exit(code)
+        exit_now(code)
 
 
 if __name__ == "__main__":

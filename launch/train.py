@@ -30,16 +30,14 @@ def init_distributed():
 def leave(code: int, wait_s: float = None) -> None:
     """Every way out of a run, success and error alike: every rank at one barrier (waiting at most ``wait_s``;
     default LEAVE_TIMEOUT_S), the process group destroyed, then exit status ``code`` (0: return normally)."""
-    from clora_ds.distributed import LEAVE_TIMEOUT_S, leave_together
+    from clora_ds.distributed import LEAVE_TIMEOUT_S, exit_now, leave_together
 
     if not leave_together(LEAVE_TIMEOUT_S if wait_s is None else wait_s):
         # the other ranks never reached the barrier (an error only this rank saw): the process group cannot be closed
         # and the interpreter's shutdown could abort in its threads, so leave at once; the launcher stops the others
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 1)
+        exit_now(code or 1)
     if code:
-        sys.exit(code)
+        exit_now(code)
 
 
 def fail(err, rank=None) -> None:
