@@ -11,6 +11,8 @@
 #   attention bench_attention.py: packed rows through per-sequence SDPA vs torch's flash varlen, 7B attention shapes
 #   peers     bench_peers.py at LLaMA-2-7B shapes: the launcher vs HF Trainer + PEFT (flattening, padding); with
 #             --profile and $OUT/peers/ for the results and the launcher's profiled step
+#   compile   bench_compile.py at LLaMA-2-7B shapes: --compile_layers against eager, checkpointing off/full/selective
+#             (not in the default CHECKS; COMPILE overrides its flags)
 #   qlora     bench_launcher.py at 7B shapes, packing + checkpointing: 4-bit base + paged 8-bit AdamW, then the bf16
 #             base (needs bitsandbytes: put its wheel in .whl/ too; not in the default CHECKS)
 # TEST_K selects tests (pytest -k); PEERS overrides bench_peers' flags.
@@ -50,6 +52,11 @@ if [[ ",$CHECKS," == *,peers,* ]]; then
   timeout "${PEERS_LIMIT:-420}" python3 bench/bench_peers.py ${PEERS:---llama2_7b --bf16 --systems clora_ds,hf_flat,clora_sdpa --checkpointing on,off} \
     --profile --save_dir "$OUT/peers" --model_dir /tmp/peers_model > "$OUT/bench_peers.txt" 2> "$OUT/bench_peers.err"
   echo "bench_peers: exit $?"; grep -E "^  done" "$OUT/bench_peers.err"; grep -E "^(#|\|)" "$OUT/bench_peers.txt"; tail -5 "$OUT/bench_peers.err"
+fi
+if [[ ",$CHECKS," == *,compile,* ]]; then
+  timeout "${COMPILE_LIMIT:-420}" python3 bench/bench_compile.py ${COMPILE:---llama2_7b --bf16 --seq 2048 --batch 4 --steps 4} \
+    --out "$OUT/bench_compile.json" > "$OUT/bench_compile.txt" 2>&1
+  echo "bench_compile: exit $?"; grep -E "^(#|\|)" "$OUT/bench_compile.txt"
 fi
 if [[ ",$CHECKS," == *,qlora,* ]]; then
   for q in --qlora ""; do

@@ -138,6 +138,7 @@ class CLoRARegularizer:
         self.last_penalty: Optional[torch.Tensor] = None
         self.fused_lora_note: Optional[str] = None  # attach_clora(fused_lora="auto"): which layers run fused
         self._handles: list = []
+        self._weights: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None  # use_weight_penalty: (A, B)
 
     # -- hooks ----------------------------------------------------------------------------------
     def _begin_forward(self, module, args, kwargs=None):
@@ -156,6 +157,7 @@ class CLoRARegularizer:
         calls neither lora_A nor lora_B; taken where the fused layer has them gathered, tapped onto its output."""
         side_a, side_b = self._side_penalty(name, "A", numel_a), self._side_penalty(name, "B", numel_b)
 
+        @torch.compiler.disable  # Python state (which taps are made): never traced by --compile_layers
         def penalize(a_weight, b_weight, output, training):
             return side_b(b_weight, side_a(a_weight, output, training), training)
 
@@ -167,13 +169,11 @@ class CLoRARegularizer:
         subspace = self.subspaces[name]
         where = f"{name}.lora_{side}"
 
+        @torch.compiler.disable  # Python state (which taps are made): never traced by --compile_layers
         def penalize(weight, output, training):
             if not training:
                 return output
-            if self.pending:
-                raise RuntimeError(f"CLoRA: P (p_init={self.config.p_init}) has not been computed: run "
-                                   "clora_ds.calibration.calibrate_subspaces (or pass saved_subspaces to attach_clora) "
-                                   "before training")
+            self._refuse_pending()
             scale = self.scale
             # A tap is needed once per forward: in the forward itself, or (reentrant checkpointing, whose
             # forward runs without grad) in the recompute. A non-reentrant recompute finds it already made.
@@ -204,6 +204,48 @@ class CLoRARegularizer:
 
         return penalize
 
+    def _refuse_pending(self) -> None:
+        if self.pending:
+            raise RuntimeError(f"CLoRA: P (p_init={self.config.p_init}) has not been computed: run "
+                               "clora_ds.calibration.calibrate_subspaces (or pass saved_subspaces to attach_clora) "
+                               "before training")
+
+    def use_weight_penalty(self, peft_model: torch.nn.Module) -> None:
+        """Take R from the LoRA weights in ``penalty_term`` (ordinary autograd, no hooks, no taps) instead of inside
+        each module's forward: what ``--compile_layers`` needs, since the hooks' Python state (which taps are made)
+        would break every compiled decoder layer at every LoRA module. The same R and the same gradient, once per
+        micro-batch; valid only where every rank holds the LoRA weights whole (not ZeRO-3: plan_run refuses that).
+        Before or after ``deepspeed.initialize``: ZeRO-0/1/2 keep the module's parameters as the same tensors."""
+        modules = dict(peft_model.named_modules())
+        weights = {}
+        for name in self.subspaces:
+            layer = modules[PEFT_PREFIX + name]
+            a, b = layer.lora_A[self.adapter_name].weight, layer.lora_B[self.adapter_name].weight
+            if a.numel() != layer.lora_A[self.adapter_name].in_features * layer.lora_A[self.adapter_name].out_features:
+                raise RuntimeError(f"CLoRA: {name}.lora_A.weight is partitioned (ZeRO-3): the penalty cannot be taken "
+                                   "from the weights; keep it in the modules' forward (no --compile_layers)")
+            weights[name] = (a, b)
+            if getattr(layer, "clora_penalty", None) is not None:  # a FusedLoraLinear: no penalty inside its forward
+                layer.clora_penalty = None
+        self.remove()
+        self._weights = weights
+
+    def _weight_penalty_term(self, task_loss: torch.Tensor) -> torch.Tensor:
+        self._refuse_pending()
+        lam = self.config.lam * self.shard_world  # sharded P: W·λ·R_r per rank (see the class doc)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and lam > 0):
+            values = []
+            for name, (a, b) in self._weights.items():
+                sub = self.subspaces[name]
+                sub.on(a.device)
+                values.append(SubspacePenalty.apply(a, sub.p_in))  # ½‖A P_in‖²
+                values.append(SubspacePenalty.apply(b.t(), sub.p_out))  # ½‖Bᵀ P_out‖²
+            penalty = torch.stack(values).sum()
+        self.last_penalty = penalty.detach()
+        if lam == 0:
+            return task_loss
+        return task_loss + (penalty * lam).to(task_loss.device, task_loss.dtype)
+
     def register(self, peft_model: torch.nn.Module) -> None:
         base = peft_model.get_base_model()
         self._handles.append(base.register_forward_pre_hook(self._begin_forward))
@@ -223,6 +265,8 @@ class CLoRARegularizer:
     # -- the loss ---------------------------------------------------------------------------------
     def penalty_term(self, task_loss: torch.Tensor) -> torch.Tensor:
         """task_loss + λ·R for the forward pass just run; R (detached) is kept in ``last_penalty``."""
+        if self._weights is not None:
+            return self._weight_penalty_term(task_loss)
         scale = self.scale
         scale.collecting = False
         if len(scale.values) != self.expected:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .calibration import data_subspaces
+from .compile import compile_decoder_layers, compiled_graphs
 from .batches import pad_batch
 from .data import loss_token_count
 from .loss import causal_lm_loss, chunked_loss_problem
@@ -80,6 +81,10 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
         model=model, model_parameters=trainable, optimizer=optimizer, config=plan.ds_config,
         lr_scheduler=None if "scheduler" in plan.ds_config else make_lr_scheduler(train_args, total_steps))
     data_subspaces(engine, model.clora, plan.calibration, out, train_args.per_device_eval_batch_size, log)  # activations P
+    compiled = None
+    if train_args.compile_layers:  # after calibration: its forward hooks are not for a compiled graph
+        compiled = compile_decoder_layers(model, train_args.compile_backend)
+        log(compiled.note())
     start_step = 0
     if plan.start.resume is not None:
         start_step = load_checkpoint_safely(engine, plan.start.resume, rank())
@@ -88,7 +93,7 @@ def train(model_args, data_args, clora_args, train_args) -> Path:
     metrics = MetricsLog(out)
     peak = peak_tflops(train_args.peak_tflops, dtype)
     progress = StepLog(engine, model.clora, batches, metrics, total_steps, start_step, train_args.logging_steps,
-                       ModelFlops.of(model), peak)
+                       ModelFlops.of(model), peak, compiled=compiled is not None)
     log(f"MFU over {peak:g} TFLOP/s per GPU" if peak else "MFU: null in metrics.jsonl (no peak known for this device "
         "and dtype; --peak_tflops gives one)")
     profiler = StepProfiler(train_args.profile_steps, out)
@@ -146,15 +151,16 @@ class StepLog:
     """Per-step progress: the bar (rank 0) and, every logging_steps, a metrics.jsonl row and the DeepSpeed monitor.
 
     Throughput columns: tokens_per_s (real tokens of the global batch per second), tokens_per_s_per_gpu (over the
-    world size) and mfu (``flops`` of those tokens per second per GPU over ``peak_tflops``; null without a peak)."""
+    world size) and mfu (``flops`` of those tokens per second per GPU over ``peak_tflops``; null without a peak).
+    With ``compiled`` (--compile_layers) also compiled_graphs: the graphs torch.compile has built in this process."""
 
     def __init__(self, engine, clora, batches, metrics: MetricsLog, total_steps: int, start_step: int, every: int,
-                 flops: Optional[ModelFlops] = None, peak_tflops: Optional[float] = None):
+                 flops: Optional[ModelFlops] = None, peak_tflops: Optional[float] = None, compiled: bool = False):
         from tqdm import tqdm
 
         self.engine, self.clora, self.batches, self.metrics = engine, clora, batches, metrics
         self.total_steps, self.every = total_steps, every
-        self.flops, self.peak_tflops = flops, peak_tflops
+        self.flops, self.peak_tflops, self.compiled = flops, peak_tflops, compiled
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=rank() != 0, dynamic_ncols=True)
         self.tokens, self.squared, self.since = 0, 0, time.time()
 
@@ -175,6 +181,8 @@ class StepLog:
                    "penalty": self.clora.config.lam * r, "R": r, "lr": lr, "grad_norm": grad_norm(self.engine),
                    "real_tokens": self.tokens, "tokens_per_s": self.tokens / seconds, "tokens_per_s_per_gpu": per_gpu,
                    "mfu": mfu, "peak_mem_gb": round(peak_memory_gb(), 3)}
+            if self.compiled:
+                row["compiled_graphs"] = compiled_graphs()
             self.tokens, self.squared, self.since = 0, 0, time.time()
             self.metrics.write(row)
             if self.engine.monitor.enabled:
