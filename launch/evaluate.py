@@ -35,6 +35,10 @@ def build_parser():
                      help="a PEFT LoRA adapter (repeat for several); NAME defaults to the directory's name")
     src.add_argument("--run_dir", type=Path, help="a launch/train.py --output_dir: its adapter and base model")
     src.add_argument("--sweep_dir", type=Path, help="a k-sweep (sweep.sbatch): every finished run in it")
+    src.add_argument("--base_adapters", metavar="DIR[,DIR...]",
+                     help="earlier PEFT LoRA adapters merged into the base, in order, before anything is evaluated: "
+                          "what an adapter trained with launch/train.py --base_adapters was trained on (--run_dir / "
+                          "--sweep_dir take the run's own; an adapter whose run recorded them must get the same files)")
     tasks = ap.add_argument_group("in-domain tasks (generation; protocol detected from the records)")
     tasks.add_argument("--task_file", action="append", default=[], type=named, metavar="[NAME=]FILE",
                        help="a test file (.json/.jsonl/.parquet): LLM-Adapters, MetaMath or MATH records")
@@ -87,7 +91,7 @@ def main(argv=None):
                       lm_eval_data_dir=args.lm_eval_data_dir, lm_eval_limit=args.lm_eval_limit,
                       weights=not args.no_weights, f_file=args.f_file, f_records=args.f_records,
                       clora_config=args.clora_config, dtype=args.dtype, overwrite=args.overwrite,
-                      loss_files=list(args.loss_file))
+                      loss_files=list(args.loss_file), base_adapters=args.base_adapters)
     code = 0
     try:
         init_distributed()

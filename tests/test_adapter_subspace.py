@@ -284,3 +284,66 @@ def test_sequential_task_under_zero3_and_resume_with_other_base_adapters_refused
             f"--base_adapters: {[a1]} merged into the base in the checkpoint, {[other] if other else 'none'} now (the same "
             "adapters' files, in the same order, are needed)"), problem
         assert tree_hash(out) == before
+
+
+@pytest.mark.slow
+def test_evaluation_applies_the_base_adapters_a_run_was_trained_on(tiny_model_dir, adapters, tmp_path):
+    """launch/evaluate.py's --base_adapters: a --run_dir trained on base + a1 is evaluated on base + a1 (its recorded
+    files), giving the numbers of a base merged by PEFT's merge_and_unload; its adapter alone without --base_adapters, or
+    with other ones, is refused before anything loads or is written."""
+    from peft import PeftModel
+
+    from clora_ds.errors import RunProblems
+    from clora_ds.evaluation.run import EvalRequest, check_request, run_evaluation
+
+    a1, a2 = map(str, adapters)
+    run = tmp_path / "task2"
+    launch(tiny_model_dir, run, ranks=1, max_steps=2, base_adapters=a1)
+    text = tmp_path / "general.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts(12, seed=5)))
+    before = tree_hash(tmp_path)
+    for over, expect in [({}, f"was trained on the base with earlier adapters merged into it ({a1}); pass "
+                               f"--base_adapters {a1}"),
+                         ({"base_adapters": a2}, f"was trained with base adapters {a1}, not the ones --base_adapters {a2}")]:
+        with pytest.raises(RunProblems) as err:
+            check_request(EvalRequest(base_model=str(tiny_model_dir), adapters=[("t2", run / "adapter")],
+                                      loss_files=[("general", text)], output_dir=tmp_path / "refused", **over))
+        assert len(err.value.problems) == 1 and expect in err.value.problems[0], err.value.problems
+    assert tree_hash(tmp_path) == before
+
+    got = run_evaluation(EvalRequest(run_dir=run, loss_files=[("general", text)], weights=False))
+    assert got["base_adapters"] == [{"path": a1, "fingerprint": got["base_adapters"][0]["fingerprint"]}]
+    assert "merged into it (--base_adapters)" in (run / "eval" / "eval_results.md").read_text()
+    # the reference: base + a1 merged by PEFT and saved; the run's adapter copied away from its run record
+    merged_dir, lone = tmp_path / "merged", tmp_path / "lone" / "adapter"
+    PeftModel.from_pretrained(load_base(tiny_model_dir), a1).merge_and_unload().save_pretrained(str(merged_dir))
+    shutil.copytree(tiny_model_dir, merged_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    shutil.copytree(run / "adapter", lone)
+    ref = run_evaluation(EvalRequest(base_model=str(merged_dir), adapters=[("task2", lone)], loss_files=[("general", text)],
+                                     weights=False, output_dir=tmp_path / "ref"))
+    plain = run_evaluation(EvalRequest(base_model=str(tiny_model_dir), loss_files=[("general", text)], weights=False,
+                                       output_dir=tmp_path / "plain"))
+    nll = lambda res, name: res["models"][name]["loss"]["general"]["nll"]  # noqa: E731
+    assert abs(nll(got, "base") - nll(ref, "base")) < 1e-5 and abs(nll(got, "task2") - nll(ref, "task2")) < 1e-5
+    assert abs(nll(got, "base") - nll(plain, "base")) > 1e-3  # the merge is what made the difference
+    # --merge of that run: base + a1 + its adapter, a1 merged first (as the run recorded), verified; other files refused
+    from transformers import AutoModelForCausalLM
+
+    from clora_ds.errors import CheckpointError
+    from clora_ds.export.convert import convert_checkpoint
+
+    with pytest.raises(CheckpointError, match=f"trained on the base with {a1} merged into it; these files differ"):
+        convert_checkpoint(run / "checkpoint-2", tmp_path / "merged_wrong", merge=True, base_adapters=a2)
+    assert not (tmp_path / "merged_wrong").exists()
+    done = convert_checkpoint(run / "checkpoint-2", tmp_path / "merged_run", merge=True, verify=True)
+    assert done.verification.passed
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32),
+                                     str(lone)).merge_and_unload().eval()
+    written = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged_run"), dtype=torch.float32).eval()
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (written(input_ids=ids).logits - want(input_ids=ids).logits).abs().max().item()
+        alone = (written(input_ids=ids).logits - PeftModel.from_pretrained(load_base(tiny_model_dir), str(lone))
+                 .merge_and_unload()(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5 and alone > 1e-3, (diff, alone)
+    assert f"The earlier adapters the run trained on ({a1}" in (tmp_path / "merged_run" / "README.md").read_text()

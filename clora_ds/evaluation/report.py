@@ -84,6 +84,9 @@ def format_table(results: dict) -> str:
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     notes = ["", "Accuracies in %; in parentheses the change from the base model. Weight metrics: ‖ΔW‖_F, ‖ΔW‖_2, "
              "F = mean ‖ΔW·x‖/‖x‖, subspace leakage ‖A·P_in‖/‖A‖ and ‖Bᵀ·P_out‖/‖B‖ (clora_ds docs/evaluation.md: Weight-space metrics)."]
+    if results.get("base_adapters"):
+        notes.append("'base' is the base model with " + ", ".join(a["path"] for a in results["base_adapters"])
+                     + " merged into it (--base_adapters), the model every adapter here was applied to.")
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows] + notes) + "\n"
 
 

@@ -58,6 +58,7 @@ class EvalRequest:
     task_dir: Optional[Path] = None            # LLM-Adapters' dataset/ layout: every NAME/test.json is a task
     run_dir: Optional[Path] = None             # a launch/train.py --output_dir: its final adapter and base model
     sweep_dir: Optional[Path] = None           # a k-sweep: every finished run in it
+    base_adapters: Optional[str] = None        # DIR[,DIR]: earlier adapters merged into the base first
 
 
 @dataclass
@@ -80,6 +81,7 @@ class EvalPlan:
     tokenizer: object
     sweep_k: Optional[Dict[str, Optional[int]]] = None  # run name -> k (None: the λ = 0 baseline) of a --sweep_dir
     notes: List[str] = field(default_factory=list)
+    base_adapters: list = field(default_factory=list)  # base_adapters.LoraAdapter, merged into the base in this order
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,6 +224,9 @@ def check_request(req: EvalRequest) -> EvalPlan:
             shapes = _linear_shapes(config)
         if shapes is not None:
             problems += _adapter_problems(label, adapters[name], shapes, base)
+    merged, found, merge_notes = _base_adapters(req, adapter_paths, root is not None, shapes, config)
+    problems += found
+    notes += merge_notes
     task_paths = [(f"--task_file {n}", n, Path(p)) for n, p in req.tasks]
     if req.task_dir is not None:
         why = _path_problem(req.task_dir, True, "a folder laid out like LLM-Adapters' dataset/ (NAME/test.json)")
@@ -283,7 +288,58 @@ def check_request(req: EvalRequest) -> EvalPlan:
                  for package, what, wanted in needed if wanted and importlib.util.find_spec(package) is None]
     if problems:
         raise RunProblems(problems, "cannot evaluate")
-    return EvalPlan(base, adapters, tasks, lm_names, output_dir, tokenizer, sweep_k, notes)
+    return EvalPlan(base, adapters, tasks, lm_names, output_dir, tokenizer, sweep_k, notes, merged)
+
+
+def _recorded_base_adapters(adapter: Path) -> Optional[List[dict]]:
+    """The base adapters ({path, fingerprint}) the training run of ``adapter`` (a run's OUT/adapter) merged into its
+    base, [] for none; None when the adapter has no run record beside it."""
+    settings = read_train_config(Path(adapter).parent)
+    if not settings or "run" not in settings:
+        return None
+    return list((settings.get("run") or {}).get("base_adapters") or [])
+
+
+def _base_adapters(req: EvalRequest, adapter_paths, from_runs: bool, shapes, config):
+    """(the adapters to merge into the base, problems, notes). --base_adapters, else what the runs of --run_dir /
+    --sweep_dir recorded; every adapter whose run recorded its base adapters must get exactly those (fingerprints)."""
+    from ..base_adapters import read_adapters
+
+    problems, notes = [], []
+    records = {label: _recorded_base_adapters(path) for label, _, path in adapter_paths}
+    spec = req.base_adapters
+    if spec is None:
+        recorded = {tuple(a["path"] for a in r) for r in records.values() if r}
+        if recorded and from_runs and len(recorded) == 1:
+            spec = ",".join(recorded.pop())
+            notes.append(f"--base_adapters {spec}: as the run recorded (merged into the base before training)")
+        elif recorded:
+            trained = next(label for label, r in records.items() if r)
+            paths = ",".join(a["path"] for a in records[trained])
+            return [], [f"{trained} was trained on the base with earlier adapters merged into it ({paths}); pass "
+                        f"--base_adapters {paths}" + (" (the runs recorded different ones: evaluate them separately)"
+                                                       if len(recorded) > 1 else "")], notes
+        else:
+            return [], [], notes
+    if shapes is None:  # the base model or every adapter has a problem already named
+        if config is None:
+            return [], [], notes
+        shapes = _linear_shapes(config)
+    merged, found = read_adapters(spec, "--base_adapters", shapes)
+    if found and req.base_adapters is None:  # paths the run recorded, which may be relative to where it trained
+        found = [f"{p} (as the run recorded it: pass --base_adapters with those adapters' paths from here)" for p in found]
+    if found:
+        return [], found, notes
+    given = [a.fingerprint for a in merged]
+    for label, record in records.items():
+        if record is None:
+            notes.append(f"{label} has no training record beside it: evaluated on the base with --base_adapters merged, "
+                         "as given")
+        elif [a.get("fingerprint") for a in record] != given:
+            was = ",".join(a["path"] for a in record) or "none (the plain base)"
+            problems.append(f"{label} was trained with base adapters {was}, not the ones --base_adapters {spec} merges "
+                            "(their files differ, or their order); evaluate it with its own, or separately")
+    return merged, problems, notes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,7 +401,15 @@ def run_evaluation(req: EvalRequest) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     started = time.time()
     base = AutoModelForCausalLM.from_pretrained(plan.base_model, dtype=_dtype(req.dtype)).to(device).eval()
+    if plan.base_adapters:
+        from ..base_adapters import merge_base_adapters
+
+        changed = merge_base_adapters(base, plan.base_adapters)
+        log(f"base: {plan.base_model} with {', '.join(str(a.path) for a in plan.base_adapters)} merged into {changed} "
+            "weights ('base' below is that merged model)")
     results: Dict[str, dict] = {"models": {}}
+    if plan.base_adapters:
+        results["base_adapters"] = [a.record() for a in plan.base_adapters]
     weights = _weights(base, tokenizer, tasks, adapters, req) if req.weights and adapters and rank() == 0 else {}
     include_dir = out / "lm_eval_tasks"
     if lm_names and rank() == 0:

@@ -56,12 +56,14 @@ def _clora_settings(tag_dir: Path, clora_config: Optional[PathLike]) -> CLoRACon
 def convert_checkpoint(checkpoint: PathLike, output_dir: PathLike, *, dtype: Optional[str] = None, merge: bool = False,
                        base_model: Optional[PathLike] = None, verify: bool = False, verify_tolerance: Optional[float] = None,
                        overwrite: bool = False, allow_incomplete: bool = False, clora_config: Optional[PathLike] = None,
-                       log: Callable[[str], None] = print) -> Conversion:
+                       base_adapters: Optional[str] = None, log: Callable[[str], None] = print) -> Conversion:
     """A ZeRO checkpoint -> a PEFT adapter in ``output_dir`` (or, with ``merge``, the merged model).
 
     ``dtype``: fp32 | bf16 | fp16 of the adapter tensors (default: the training precision, from train_config.json;
     fp32 when unknown). ``base_model``: for ``merge`` / ``verify`` (default: the run's --model_name_or_path).
     ``verify``: compare logits of the result with the checkpoint's weights before publishing it.
+    ``base_adapters`` (DIR[,DIR]; default: the run's --base_adapters): with ``merge``, the earlier adapters a run trained
+    with --base_adapters merged into its base, merged first (their files must be the ones the run recorded).
     Raises a UserError (CheckpointError, OutputExistsError, ...) with a message for the user; nothing is written then.
     """
     output_dir = Path(output_dir)
@@ -92,6 +94,7 @@ def convert_checkpoint(checkpoint: PathLike, output_dir: PathLike, *, dtype: Opt
         flag = "--merge" if merge else "--verify"
         where = f"the run's base model {base} is not a saved HF model here" if base else "the checkpoint does not record its base model"
         raise CheckpointError(f"{flag} needs the base model: {where}; pass --base_model PATH")
+    merged_first = _base_adapters_to_merge(tag_dir, record, base_adapters, base) if merge else []
     out_dtype = dtype or record.dtype or "fp32"
     checked_dtype = DTYPES[out_dtype]
     if merge:
@@ -107,7 +110,8 @@ def convert_checkpoint(checkpoint: PathLike, output_dir: PathLike, *, dtype: Opt
 
     def check(written: Path) -> None:
         tolerance = verify_tolerance if verify_tolerance is not None else VERIFY_TOLERANCE.get(checked_dtype, 1e-6)
-        result = verify_export(written, weights, clora, base, merged=merge, rel_tolerance=tolerance)
+        result = verify_export(written, weights, clora, base, merged=merge, rel_tolerance=tolerance,
+                               base_adapters=merged_first)
         verification.append(result)
         log(f"verify: {result}")
         if not result.passed:
@@ -120,12 +124,43 @@ def convert_checkpoint(checkpoint: PathLike, output_dir: PathLike, *, dtype: Opt
                 "(the quantization error of the base; reported, not checked)")
 
     if merge:
-        log(f"merging into a copy of {base}, shard by shard")
-        merge_into_base(output_dir, weights, clora, base, record, overwrite, check if verify else None)
+        log(f"merging into a copy of {base}, shard by shard"
+            + (f", after {', '.join(str(a.path) for a in merged_first)} (the run's --base_adapters)" if merged_first else ""))
+        merge_into_base(output_dir, weights, clora, base, record, overwrite, check if verify else None,
+                        base_adapters=merged_first)
     else:
         export_peft_adapter(output_dir, weights, clora, record, DTYPES[out_dtype], overwrite, check if verify else None,
                             subspaces_file=subspaces if clora.p_init in DATA_INITS else None)
     return Conversion(output_dir, tag_dir, layout, record, out_dtype, numel, merge, verification[0] if verification else None, notes)
+
+
+def _base_adapters_to_merge(tag_dir: Path, record, spec: Optional[str], base: Path) -> list:
+    """The base adapters (base_adapters.LoraAdapter) a --merge must merge before this checkpoint's adapter: --base_adapters
+    or the run's own, checked against the sha256 the run recorded; [] for a run trained on the plain base."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..adapter import _linear_shapes
+    from ..base_adapters import read_adapters
+    from ..run_dir import TRAIN_CONFIG_FILE, read_train_config
+
+    settings = read_train_config(tag_dir) or read_train_config(tag_dir.parent) or {}
+    recorded = list((settings.get("run") or {}).get("base_adapters") or [])
+    spec = spec or record.base_adapters
+    if not spec:
+        return []
+    with torch.device("meta"):
+        linears = _linear_shapes(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base))))
+    flag = "--base_adapters" if spec != record.base_adapters else f"the run's --base_adapters ({TRAIN_CONFIG_FILE})"
+    adapters, problems = read_adapters(spec, flag, linears)
+    if problems:
+        hint = "" if flag == "--base_adapters" else "; pass --base_adapters with those adapters' paths from here"
+        raise CheckpointError("--merge needs the adapters the run merged into its base first:\n  - "
+                              + "\n  - ".join(problems) + hint)
+    if recorded and [a.get("fingerprint") for a in recorded] != [a.fingerprint for a in adapters]:
+        raise CheckpointError(f"--base_adapters {spec}: {tag_dir} was trained on the base with "
+                              f"{', '.join(a['path'] for a in recorded)} merged into it; these files differ (or their "
+                              "order): the merged model would not be the one the adapter was trained on")
+    return adapters
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Write the base model with W + (alpha/r)·B·A merged in (sharded safetensors, config, tokenizer) instead of an adapter.")
     parser.add_argument("--base_model", default=None,
                         help="Base model directory for --merge / --verify (default: the run's --model_name_or_path).")
+    parser.add_argument("--base_adapters", default=None, metavar="DIR[,DIR...]",
+                        help="For --merge of a run trained with launch/train.py --base_adapters: those earlier adapters, "
+                             "merged into the base first (default: the paths the run recorded; their sha256 must match).")
     parser.add_argument("--verify", action="store_true",
                         help="Before publishing, load the result with plain PEFT (or transformers, for --merge) and compare its logits "
                              "with the checkpoint's own weights on a few random inputs; print the max abs difference.")
@@ -168,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = convert_checkpoint(args.checkpoint, args.output_dir, dtype=args.dtype, merge=args.merge,
                                     base_model=args.base_model, verify=args.verify, verify_tolerance=args.verify_tolerance,
                                     overwrite=args.overwrite, allow_incomplete=args.allow_incomplete,
-                                    clora_config=args.clora_config)
+                                    clora_config=args.clora_config, base_adapters=args.base_adapters)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -73,6 +73,17 @@ def _lora_pairs(lora_weights: Mapping[str, object]) -> Dict[str, tuple]:
     return {key: (s["A"], s["B"]) for key, s in sides.items()}
 
 
+def _stacked_pairs(adapters) -> Dict[str, tuple]:
+    """Base weight key -> (A, B) with B·A = Σ_i s_i·B_i·A_i over the adapters that adapt it (rows s_i·A_i stacked,
+    columns B_i side by side): one GEMM per block, one rounding to W's dtype."""
+    stacked: Dict[str, tuple] = {}
+    for name in sorted({n for adapter in adapters for n in adapter.factors}):
+        pairs = [(adapter.scale * adapter.factors[name][0].float(), adapter.factors[name][1].float())
+                 for adapter in adapters if name in adapter.factors]
+        stacked[name + ".weight"] = (torch.cat([a for a, _ in pairs], 0), torch.cat([b for _, b in pairs], 1))
+    return stacked
+
+
 def _merge_in_place(path: Path, header: Dict[str, dict], data_start: int, pairs: Dict[str, tuple], scale: float,
                     chunk_numel: int = 2**24) -> None:
     """W += scale·B·A for every adapted weight of one copied shard, a block of rows at a time (fp32 sum, stored
@@ -96,11 +107,13 @@ def _merge_in_place(path: Path, header: Dict[str, dict], data_start: int, pairs:
 
 def merge_into_base(output_dir: PathLike, lora_weights: Mapping[str, torch.Tensor], clora: CLoRAConfig,
                     base_model: PathLike, record: Optional[TrainingRecord] = None, overwrite: bool = False,
-                    check: Optional[Callable[[Path], None]] = None) -> Path:
+                    check: Optional[Callable[[Path], None]] = None, base_adapters=()) -> Path:
     """Write the base model with W + (α/r)·B·A merged into every adapted weight: the base's own safetensors shards
     (copied, then the adapted tensors rewritten in place, a block of rows at a time), its index, config and
     tokenizer files. Memory holds the adapter and one block, never a whole shard; the sum is taken in fp32 and
     stored in each weight's own dtype. Every shape is checked before anything is written.
+    ``base_adapters`` (base_adapters.LoraAdapter, checked against the base): merged first, W + Σ_i s_i·B_i·A_i in one
+    fp32 sum stored once in W's dtype, as launch/train.py --base_adapters merged them before training.
     """
     base_model = Path(base_model)
     record = record or TrainingRecord()
@@ -128,6 +141,8 @@ def merge_into_base(output_dir: PathLike, lora_weights: Mapping[str, torch.Tenso
     with staged_directory(Path(output_dir), overwrite) as tmp:
         for shard in shards:
             shutil.copyfile(base_model / shard, tmp / shard)
+            if base_adapters:
+                _merge_in_place(tmp / shard, *layouts[shard], _stacked_pairs(base_adapters), 1.0)
             _merge_in_place(tmp / shard, *layouts[shard], pairs, scale)
         for p in base_model.iterdir():
             if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != "README.md":

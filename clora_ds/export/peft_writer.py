@@ -136,6 +136,9 @@ def model_card(record: TrainingRecord, clora: CLoRAConfig, modules: List[str], w
                   "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{record.base_model or "BASE_MODEL"}")',
                   'model = PeftModel.from_pretrained(base, "PATH")', "```", ""]
+    if record.base_adapters and merged:
+        lines += [f"The earlier adapters the run trained on ({record.base_adapters}, --base_adapters) are merged too, "
+                  "before this one: the weights are the base it was trained on plus its own update.", ""]
     if record.base_adapters and not merged:
         lines += [f"Trained on the base with earlier adapters merged into it ({record.base_adapters}, in that order; "
                   "--base_adapters): use it on that merged base, e.g. `base = PeftModel.from_pretrained(base, "

@@ -82,14 +82,19 @@ def _written_logits(written: Path, merged: bool, full_base, ids: torch.Tensor) -
 
 
 def verify_export(written: Path, lora_weights: Mapping[str, torch.Tensor], clora: CLoRAConfig, base_model: PathLike,
-                  merged: bool, rel_tolerance: float) -> Verification:
+                  merged: bool, rel_tolerance: float, base_adapters=()) -> Verification:
     """Logits of the written adapter (loaded with plain ``PeftModel.from_pretrained``) or merged model, against
-    the base with the checkpoint's fp32 LoRA weights set directly, on a few random inputs; fp32 throughout."""
+    the base with the checkpoint's fp32 LoRA weights set directly, on a few random inputs; fp32 throughout.
+    ``base_adapters``: merged into the reference's base first (``merge_base_adapters``, training's own merge)."""
     from transformers import AutoModelForCausalLM
 
     with _quiet_model_loading():
-        reference = _with_lora(AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32), lora_weights,
-                               clora, base_model)
+        base = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=torch.float32)
+        if base_adapters:
+            from ..base_adapters import merge_base_adapters
+
+            merge_base_adapters(base, list(base_adapters))
+        reference = _with_lora(base, lora_weights, clora, base_model)
     ids = _probe_inputs(reference.config.vocab_size)
     with torch.no_grad():
         expected = reference(input_ids=ids).logits
