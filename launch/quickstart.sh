@@ -43,5 +43,5 @@ if [ "$job" = demo ]; then
   exec "$PYTHON" launch/evaluate.py --run_dir out/demo/run --task_file facts=out/demo/assets/data/test.jsonl \
     --output_dir out/demo/eval --overwrite
 else
-  exec "$PYTHON" -m pytest tests -p no:cacheprovider -rs "$@"
+  exec "$PYTHON" -m pytest tests -p no:cacheprovider -rs --durations=25 "$@"  # the 25 slowest: where the suite's time goes
 fi
