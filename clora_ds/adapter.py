@@ -157,7 +157,6 @@ class CLoRARegularizer:
         calls neither lora_A nor lora_B; taken where the fused layer has them gathered, tapped onto its output."""
         side_a, side_b = self._side_penalty(name, "A", numel_a), self._side_penalty(name, "B", numel_b)
 
-        @torch.compiler.disable  # Python state (which taps are made): never traced by --compile_layers
         def penalize(a_weight, b_weight, output, training):
             return side_b(b_weight, side_a(a_weight, output, training), training)
 
@@ -169,7 +168,6 @@ class CLoRARegularizer:
         subspace = self.subspaces[name]
         where = f"{name}.lora_{side}"
 
-        @torch.compiler.disable  # Python state (which taps are made): never traced by --compile_layers
         def penalize(weight, output, training):
             if not training:
                 return output

@@ -52,6 +52,23 @@ class LoraAdapter:
         return {"path": str(self.path), "fingerprint": self.fingerprint}
 
 
+def recorded_base_adapters(*directories: Path) -> Optional[List[dict]]:
+    """The base adapters ({path, fingerprint}) a training run merged into its base, read from the first of
+    ``directories`` whose train_config.json records a run ([] for none); None when none of them does."""
+    from .run_dir import read_train_config
+
+    for directory in directories:
+        settings = read_train_config(Path(directory))
+        if settings and "run" in settings:
+            return list((settings.get("run") or {}).get("base_adapters") or [])
+    return None
+
+
+def same_adapter_files(recorded: List[dict], adapters: List["LoraAdapter"]) -> bool:
+    """Whether ``adapters`` are the recorded ones: the same files (sha256) in the same order."""
+    return [a.get("fingerprint") for a in recorded] == [a.fingerprint for a in adapters]
+
+
 def adapter_paths(spec: Optional[str]) -> List[Path]:
     return [Path(part.strip()) for part in str(spec or "").split(",") if part.strip()]
 

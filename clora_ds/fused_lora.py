@@ -91,13 +91,8 @@ class FusedLoraLinear(lora_layer.Linear):
         base, lora_a, lora_b = self.base_layer, self.lora_A[name], self.lora_B[name]
         y = FusedLoRAProjection.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name])
         if self.clora_penalty is not None:
-            y = _penalize(self, lora_a.weight, lora_b.weight, y)
+            y = self.clora_penalty(lora_a.weight, lora_b.weight, y, lora_a.training)
         return y
-
-
-@torch.compiler.disable  # one function for every layer: a compiled decoder layer breaks its graph here, guarding on
-def _penalize(layer: FusedLoraLinear, a, b, y):  # nothing of the layer's own penalty (--compile_layers)
-    return layer.clora_penalty(a, b, y, layer.lora_A[layer.fused_adapter].training)
 
 
 def fused_lora_problem(layer: torch.nn.Module, adapter: str) -> Optional[str]:

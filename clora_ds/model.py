@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -99,6 +99,16 @@ def inspect_model(name_or_path: str, trust_remote_code: bool = False):
     if p.is_dir():
         problems += _weight_problems(p)
     return config, tokenizer, problems
+
+
+def linear_shapes(hf_config, trust_remote_code: bool = False) -> Dict[str, Tuple[int, int]]:
+    """name -> (out, in) of every linear layer of the architecture ``hf_config`` describes (a meta-device copy)."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapter import _linear_shapes
+
+    with torch.device("meta"):
+        return _linear_shapes(AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code))
 
 
 def module_shapes(hf_config, clora: CLoRAConfig, trust_remote_code: bool = False):

@@ -27,7 +27,7 @@ from .compile import compile_problems
 from .config import CLoRAConfig
 from .batches import PACKER_VERSION, GlobalBatches, Mixture, pack_row_indices
 from .data import TokenizedData, default_cache_dir, load_records, tokenize_records, units_fingerprint
-from .ds_config import precision_problems, read_deepspeed_config, resolve_ds_config
+from .ds_config import precision_problems, read_deepspeed_config, resolve_ds_config, zero_stage
 from .errors import RunProblems, UserError
 from .model import (choose_attention, head_size, inspect_model, module_shapes, quantization_problems,
                     sequence_length_problems, target_problems)
@@ -248,8 +248,7 @@ def plan_run(model: ModelArguments, data: DataArguments, clora_args, train: Trai
         problems += sequence_length_problems(hf_config, data.max_seq_length)
         problems += layer_count_problems(train.gradient_checkpointing, getattr(hf_config, "num_hidden_layers", None))
     problems += offloading_problems(train.activation_offloading, raw_ds)
-    stage = (raw_ds or {}).get("zero_optimization", {}).get("stage", 0) if isinstance(raw_ds, dict) else 0
-    problems += compile_problems(train.compile_layers, train.compile_backend, stage if isinstance(stage, int) else 0,
+    problems += compile_problems(train.compile_layers, train.compile_backend, zero_stage(raw_ds) if raw_ds else 0,
                                  train.activation_offloading, model.load_in_4bit or model.load_in_8bit)
 
     train_data = batches = weights = None

@@ -347,3 +347,8 @@ def test_evaluation_applies_the_base_adapters_a_run_was_trained_on(tiny_model_di
                  .merge_and_unload()(input_ids=ids).logits).abs().max().item()
     assert diff < 1e-5 and alone > 1e-3, (diff, alone)
     assert f"The earlier adapters the run trained on ({a1}" in (tmp_path / "merged_run" / "README.md").read_text()
+    # the same files moved elsewhere: --base_adapters points at them, the same model comes out
+    moved = shutil.copytree(a1, tmp_path / "moved" / "a1")
+    convert_checkpoint(run / "checkpoint-2", tmp_path / "merged_moved", merge=True, base_adapters=str(moved))
+    weights = lambda d: {f.name: f.read_bytes() for f in sorted(d.glob("*.safetensors"))}  # noqa: E731
+    assert weights(tmp_path / "merged_moved") == weights(tmp_path / "merged_run") != {}

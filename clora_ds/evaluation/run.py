@@ -125,15 +125,6 @@ def _adapter_problems(label: str, adapter: AdapterFactors, linear_shapes: Dict[s
     return []
 
 
-def _linear_shapes(config) -> Dict[str, Tuple[int, int]]:
-    """module name -> (out, in) of every Linear of the model ``config`` describes (built on the meta device)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return {n: (m.out_features, m.in_features) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
 def _task_problem(label: str, name: str, path: Path, limit: Optional[int], tasks: List[Task]) -> Optional[str]:
     """Reads one task file (every record checked against its protocol) into ``tasks``; the problem, or None."""
     from .harness import lm_eval_available
@@ -186,7 +177,7 @@ def check_request(req: EvalRequest) -> EvalPlan:
     """Every check an evaluation needs (arguments, the base model, every adapter, every record of every task, the
     lm-eval task names, the output directory), before any model loads or anything is written; RunProblems listing
     every problem, or the plan."""
-    from ..model import inspect_model
+    from ..model import inspect_model, linear_shapes
 
     problems = [f"--{flag} must be >= 1, got {getattr(req, flag)}" for flag in POSITIVE
                 if getattr(req, flag) is not None and getattr(req, flag) < 1]
@@ -221,7 +212,7 @@ def check_request(req: EvalRequest) -> EvalPlan:
             problems.append(f"{label}: {err}")
             continue
         if config is not None and shapes is None:
-            shapes = _linear_shapes(config)
+            shapes = linear_shapes(config)
         if shapes is not None:
             problems += _adapter_problems(label, adapters[name], shapes, base)
     merged, found, merge_notes = _base_adapters(req, adapter_paths, root is not None, shapes, config)
@@ -291,22 +282,15 @@ def check_request(req: EvalRequest) -> EvalPlan:
     return EvalPlan(base, adapters, tasks, lm_names, output_dir, tokenizer, sweep_k, notes, merged)
 
 
-def _recorded_base_adapters(adapter: Path) -> Optional[List[dict]]:
-    """The base adapters ({path, fingerprint}) the training run of ``adapter`` (a run's OUT/adapter) merged into its
-    base, [] for none; None when the adapter has no run record beside it."""
-    settings = read_train_config(Path(adapter).parent)
-    if not settings or "run" not in settings:
-        return None
-    return list((settings.get("run") or {}).get("base_adapters") or [])
-
-
 def _base_adapters(req: EvalRequest, adapter_paths, from_runs: bool, shapes, config):
     """(the adapters to merge into the base, problems, notes). --base_adapters, else what the runs of --run_dir /
     --sweep_dir recorded; every adapter whose run recorded its base adapters must get exactly those (fingerprints)."""
-    from ..base_adapters import read_adapters
+    from ..base_adapters import read_adapters, recorded_base_adapters, same_adapter_files
+    from ..model import linear_shapes
 
     problems, notes = [], []
-    records = {label: _recorded_base_adapters(path) for label, _, path in adapter_paths}
+    # an adapter's run is the directory holding it (a run's OUT/adapter); None: no run record beside it
+    records = {label: recorded_base_adapters(Path(path).parent) for label, _, path in adapter_paths}
     spec = req.base_adapters
     if spec is None:
         recorded = {tuple(a["path"] for a in r) for r in records.values() if r}
@@ -324,18 +308,17 @@ def _base_adapters(req: EvalRequest, adapter_paths, from_runs: bool, shapes, con
     if shapes is None:  # the base model or every adapter has a problem already named
         if config is None:
             return [], [], notes
-        shapes = _linear_shapes(config)
+        shapes = linear_shapes(config)
     merged, found = read_adapters(spec, "--base_adapters", shapes)
     if found and req.base_adapters is None:  # paths the run recorded, which may be relative to where it trained
         found = [f"{p} (as the run recorded it: pass --base_adapters with those adapters' paths from here)" for p in found]
     if found:
         return [], found, notes
-    given = [a.fingerprint for a in merged]
     for label, record in records.items():
         if record is None:
             notes.append(f"{label} has no training record beside it: evaluated on the base with --base_adapters merged, "
                          "as given")
-        elif [a.get("fingerprint") for a in record] != given:
+        elif not same_adapter_files(record, merged):
             was = ",".join(a["path"] for a in record) or "none (the plain base)"
             problems.append(f"{label} was trained with base adapters {was}, not the ones --base_adapters {spec} merges "
                             "(their files differ, or their order); evaluate it with its own, or separately")

@@ -137,26 +137,24 @@ def convert_checkpoint(checkpoint: PathLike, output_dir: PathLike, *, dtype: Opt
 def _base_adapters_to_merge(tag_dir: Path, record, spec: Optional[str], base: Path) -> list:
     """The base adapters (base_adapters.LoraAdapter) a --merge must merge before this checkpoint's adapter: --base_adapters
     or the run's own, checked against the sha256 the run recorded; [] for a run trained on the plain base."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from ..adapter import _linear_shapes
-    from ..base_adapters import read_adapters
-    from ..run_dir import TRAIN_CONFIG_FILE, read_train_config
+    from ..base_adapters import read_adapters, recorded_base_adapters, same_adapter_files
+    from ..model import linear_shapes
+    from ..run_dir import TRAIN_CONFIG_FILE
 
-    settings = read_train_config(tag_dir) or read_train_config(tag_dir.parent) or {}
-    recorded = list((settings.get("run") or {}).get("base_adapters") or [])
+    recorded = recorded_base_adapters(tag_dir, tag_dir.parent) or []
     spec = spec or record.base_adapters
     if not spec:
         return []
-    with torch.device("meta"):
-        linears = _linear_shapes(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base))))
+    linears = linear_shapes(AutoConfig.from_pretrained(str(base)))
     flag = "--base_adapters" if spec != record.base_adapters else f"the run's --base_adapters ({TRAIN_CONFIG_FILE})"
     adapters, problems = read_adapters(spec, flag, linears)
     if problems:
         hint = "" if flag == "--base_adapters" else "; pass --base_adapters with those adapters' paths from here"
         raise CheckpointError("--merge needs the adapters the run merged into its base first:\n  - "
                               + "\n  - ".join(problems) + hint)
-    if recorded and [a.get("fingerprint") for a in recorded] != [a.fingerprint for a in adapters]:
+    if recorded and not same_adapter_files(recorded, adapters):
         raise CheckpointError(f"--base_adapters {spec}: {tag_dir} was trained on the base with "
                               f"{', '.join(a['path'] for a in recorded)} merged into it; these files differ (or their "
                               "order): the merged model would not be the one the adapter was trained on")
